@@ -1,0 +1,1 @@
+"""Shared by every service: settings, the job model, Redis keys and the job client."""

@@ -1,0 +1,198 @@
+"""The job model: what a user asks for (JobSpec) and what the queue tracks (Job).
+
+Everything here is stored in Redis as JSON and validated on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# A Hugging Face repo id ("org/name"); anything else must be a local path.
+HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Output names become a folder under the models directory: one safe path component.
+OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Priority(str, Enum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        return {"high": 0, "normal": 1, "low": 2}[self.value]
+
+
+class QuantFormat(str, Enum):
+    NVFP4 = "nvfp4"
+    NVFP4_FP8_KV = "nvfp4-fp8kv"  # NVFP4 weights/activations plus an FP8 KV cache
+    FP8 = "fp8"
+
+
+class Stage(str, Enum):
+    QUEUED = "queued"
+    LOADING = "loading"
+    CALIBRATING = "calibrating"
+    EVALUATING = "evaluating"
+    EXPORTING = "exporting"
+    PUBLISHING = "publishing"
+    DONE = "done"
+
+
+class JobSpec(BaseModel):
+    """A quantization request, as submitted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="Hugging Face id (org/name) or a local directory under an allowed root.",
+        min_length=1,
+        max_length=4096,
+    )
+    format: QuantFormat = Field(QuantFormat.NVFP4, description="Target quantization format.")
+    calib_dataset: str = Field(
+        "allenai/c4",
+        description="Hugging Face dataset id, or a local .txt/.jsonl file or folder of them.",
+        min_length=1,
+        max_length=4096,
+    )
+    calib_samples: int = Field(512, gt=0, le=100_000, description="Calibration samples.")
+    calib_seq_len: int = Field(2048, gt=0, le=1_048_576, description="Tokens per sample.")
+    eval_samples: int = Field(
+        32, ge=0, le=10_000, description="Held-out samples for perplexity (0 skips it)."
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns of modules kept in high precision (lm_head always is).",
+        max_length=256,
+    )
+    output_name: str | None = Field(
+        None, description="Folder name under the models directory; derived when absent."
+    )
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns_are_plain(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p or len(p) > 256 or any(c.isspace() for c in p):
+                raise ValueError(f"exclude pattern {p!r} must be 1-256 characters, no spaces")
+        return v
+
+    @field_validator("output_name")
+    @classmethod
+    def _safe_output_name(cls, v: str | None) -> str | None:
+        if v is not None and (not OUTPUT_NAME.match(v) or ".." in v):
+            raise ValueError(
+                f"output name {v!r} must be one folder name (letters, digits, '.', '_', '-'),"
+                " not a path"
+            )
+        return v
+
+    @field_validator("model", "calib_dataset")
+    @classmethod
+    def _no_control_chars(cls, v: str) -> str:
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
+    def resolved_output_name(self) -> str:
+        """The output folder name: given, or the model's last path part plus the format."""
+        if self.output_name:
+            return self.output_name
+        base = self.model.rstrip("/").split("/")[-1] or "model"
+        base = re.sub(r"[^A-Za-z0-9._-]", "-", base).lstrip(".-_") or "model"
+        return f"{base}-{self.format.value.upper()}"[:128]
+
+
+class Progress(BaseModel):
+    stage: Stage = Stage.QUEUED
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="Of the current stage.")
+    message: str = ""
+
+
+class JobResult(BaseModel):
+    """What a succeeded job produced; the full report is report.json in the output."""
+
+    output_name: str
+    output_path: str
+    source_bytes: int
+    output_bytes: int
+    perplexity_base: float | None = None
+    perplexity_quant: float | None = None
+    perplexity_change_pct: float | None = None
+    duration_s: float
+
+
+# Redis stores a job as a flat hash so Lua scripts can change single fields atomically;
+# nested models travel as JSON strings.
+_JSON_FIELDS = ("spec", "progress", "result")
+
+
+class Job(BaseModel):
+    id: str
+    spec: JobSpec
+    priority: Priority = Priority.NORMAL
+    state: JobState = JobState.QUEUED
+    progress: Progress = Field(default_factory=Progress)
+    attempts: int = 0
+    max_attempts: int = 3
+    worker_id: str | None = None
+    error: str | None = None
+    result: JobResult | None = None
+    cancel_requested: bool = False
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex[:12]
+
+    def to_redis(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if name in _JSON_FIELDS:
+                out[name] = json.dumps(value, separators=(",", ":"))
+            elif value is None:
+                out[name] = ""
+            elif isinstance(value, bool):
+                out[name] = "1" if value else "0"
+            else:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> Job:
+        data: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name not in cls.model_fields:
+                continue  # fields used only by the queue's scripts (e.g. score)
+            if name in _JSON_FIELDS:
+                data[name] = json.loads(value) if value else None
+            elif value == "":
+                data[name] = None
+            elif name == "cancel_requested":
+                data[name] = value == "1"
+            else:
+                data[name] = value
+        return cls.model_validate(data)
+

@@ -1,0 +1,438 @@
+"""The job queue client: the only code that touches job keys in Redis.
+
+Design (why each piece exists):
+- A job is one Redis hash; state changes are Lua scripts, so a job is always in exactly
+  one of QUEUE, RUNNING or ENDED, even when a worker dies between two commands.
+- A worker claims a job and increments its attempt counter in the same script, *before*
+  the job runs: a worker killed by the OOM killer still uses up an attempt.
+- A running job carries a heartbeat deadline; any worker re-queues jobs whose deadline
+  passed (or fails them once attempts are used up), so a dead worker loses no job.
+- Writes from a job's run are fenced by (worker id, attempt): a worker presumed dead
+  that comes back cannot overwrite the job after it was re-queued.
+- Everything stored is JSON or a plain string. No pickle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+
+from nvfp4_common import keys
+from nvfp4_common.jobs import Job, JobResult, JobSpec, JobState, Priority, Progress, Stage
+from nvfp4_common.settings import Settings
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r} (it may have expired or been purged)")
+
+
+class InvalidTransition(ValueError):
+    """The job is not in a state that allows the operation."""
+
+
+# Claim the next queued job for a worker. KEYS: queue, running. ARGV: job key prefix,
+# worker id, now, heartbeat deadline. Returns the job id or nil.
+_CLAIM = """
+while true do
+  local ids = redis.call('ZRANGE', KEYS[1], 0, 0)
+  if #ids == 0 then return false end
+  local id = ids[1]
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[1] .. id
+  if redis.call('HGET', key, 'state') == 'queued' then
+    redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2], 'started_at', ARGV[3],
+               'error', '', 'cancel_requested', '0')
+    redis.call('ZADD', KEYS[2], ARGV[4], id)
+    return id
+  end
+end
+"""
+
+# Renew a running job's heartbeat if this worker still owns this attempt.
+# KEYS: running, job. ARGV: worker id, attempt, deadline. Returns 1, or 0 if fenced off.
+_HEARTBEAT = """
+if redis.call('HGET', KEYS[2], 'state') ~= 'running'
+   or redis.call('HGET', KEYS[2], 'worker_id') ~= ARGV[1]
+   or redis.call('HGET', KEYS[2], 'attempts') ~= ARGV[2] then
+  return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[4])
+return 1
+"""
+
+# End a running attempt. KEYS: running, ended, job, log. ARGV: worker id, attempt, new
+# state, now, ttl, then field/value pairs. Returns 1, or 0 if fenced off.
+_END = """
+if redis.call('HGET', KEYS[3], 'state') ~= 'running'
+   or redis.call('HGET', KEYS[3], 'worker_id') ~= ARGV[1]
+   or redis.call('HGET', KEYS[3], 'attempts') ~= ARGV[2] then
+  return 0
+end
+local id = ARGV[6]
+redis.call('ZREM', KEYS[1], id)
+redis.call('HSET', KEYS[3], 'state', ARGV[3], 'ended_at', ARGV[4])
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], ARGV[4], id)
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+return 1
+"""
+
+# Give a running attempt back to the queue (graceful worker shutdown or a job process
+# killed by a signal). KEYS: running, queue, wake, job. ARGV: worker id, attempt, id,
+# refund (1 = the attempt does not count), reason.
+_REQUEUE_OWN = """
+if redis.call('HGET', KEYS[4], 'state') ~= 'running'
+   or redis.call('HGET', KEYS[4], 'worker_id') ~= ARGV[1]
+   or redis.call('HGET', KEYS[4], 'attempts') ~= ARGV[2] then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[3])
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[4], 'attempts', -1) end
+redis.call('HSET', KEYS[4], 'state', 'queued', 'worker_id', '', 'error', ARGV[5])
+redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[4], 'score'), ARGV[3])
+redis.call('LPUSH', KEYS[3], ARGV[3])
+return 1
+"""
+
+# Re-queue (or fail) running jobs whose heartbeat deadline passed. KEYS: running, queue,
+# ended, wake. ARGV: job key prefix, now, ttl, log prefix. Returns {id, action} pairs.
+_REAP = """
+local out = {}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[1] .. id
+  if redis.call('HGET', key, 'state') == 'running' then
+    local attempts = tonumber(redis.call('HGET', key, 'attempts'))
+    local max = tonumber(redis.call('HGET', key, 'max_attempts'))
+    local worker = redis.call('HGET', key, 'worker_id')
+    if redis.call('HGET', key, 'cancel_requested') == '1' then
+      redis.call('HSET', key, 'state', 'cancelled', 'ended_at', ARGV[2],
+                 'error', 'cancelled; its worker ' .. worker .. ' stopped answering')
+      redis.call('ZADD', KEYS[3], ARGV[2], id)
+      redis.call('EXPIRE', key, ARGV[3])
+      redis.call('EXPIRE', ARGV[4] .. id, ARGV[3])
+      table.insert(out, id); table.insert(out, 'cancelled')
+    elseif attempts >= max then
+      redis.call('HSET', key, 'state', 'failed', 'ended_at', ARGV[2], 'error',
+                 'worker ' .. worker .. ' stopped sending heartbeats (killed or out of memory)'
+                 .. ' on attempt ' .. attempts .. ' of ' .. max .. '; giving up')
+      redis.call('ZADD', KEYS[3], ARGV[2], id)
+      redis.call('EXPIRE', key, ARGV[3])
+      redis.call('EXPIRE', ARGV[4] .. id, ARGV[3])
+      table.insert(out, id); table.insert(out, 'failed')
+    else
+      redis.call('HSET', key, 'state', 'queued', 'worker_id', '', 'error',
+                 'attempt ' .. attempts .. ' lost: worker ' .. worker .. ' stopped sending heartbeats')
+      redis.call('ZADD', KEYS[2], redis.call('HGET', key, 'score'), id)
+      redis.call('LPUSH', KEYS[4], id)
+      table.insert(out, id); table.insert(out, 'requeued')
+    end
+  end
+end
+return out
+"""
+
+# Cancel. KEYS: queue, ended, job, log. ARGV: id, now, ttl. Returns the resulting state.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[3], 'state')
+if not state then return false end
+if state == 'queued' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HSET', KEYS[3], 'state', 'cancelled', 'ended_at', ARGV[2], 'error', 'cancelled while queued')
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+  return 'cancelled'
+elseif state == 'running' then
+  redis.call('HSET', KEYS[3], 'cancel_requested', '1')
+  return 'cancelling'
+end
+return state
+"""
+
+# Put an ended (failed or cancelled) job back in the queue with fresh attempts.
+# KEYS: ended, queue, wake, job, log. ARGV: id. Returns 1 or the current state.
+_RETRY = """
+local state = redis.call('HGET', KEYS[4], 'state')
+if not state then return false end
+if state ~= 'failed' and state ~= 'cancelled' then return state end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PERSIST', KEYS[4])
+redis.call('PERSIST', KEYS[5])
+redis.call('HSET', KEYS[4], 'state', 'queued', 'attempts', '0', 'error', '', 'worker_id', '',
+           'ended_at', '', 'started_at', '', 'cancel_requested', '0', 'result', '',
+           'progress', '{"stage":"queued","fraction":0.0,"message":""}')
+redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[4], 'score'), ARGV[1])
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    heartbeat_age_s: float
+    job_id: str | None
+    host: str
+    pid: int
+
+
+class JobQueue:
+    """Submit, inspect and control quantization jobs; also the worker's side of the queue."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis: redis.Redis = client or redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+            health_check_interval=15,
+            retry_on_timeout=True,
+        )
+        r = self.redis
+        self._claim = r.register_script(_CLAIM)
+        self._heartbeat = r.register_script(_HEARTBEAT)
+        self._end = r.register_script(_END)
+        self._requeue_own = r.register_script(_REQUEUE_OWN)
+        self._reap = r.register_script(_REAP)
+        self._cancel = r.register_script(_CANCEL)
+        self._retry = r.register_script(_RETRY)
+
+    # --- client side --------------------------------------------------------------
+
+    def submit(self, spec: JobSpec, priority: Priority = Priority.NORMAL) -> Job:
+        job = Job(
+            id=Job.new_id(),
+            spec=spec,
+            priority=priority,
+            max_attempts=self.settings.max_attempts,
+        )
+        score = priority.rank * 1e13 + int(job.created_at * 1000)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(job.id), mapping={**job.to_redis(), "score": repr(score)})
+            pipe.zadd(keys.QUEUE, {job.id: score})
+            pipe.lpush(keys.WAKE, job.id)
+            pipe.ltrim(keys.WAKE, 0, 999)
+            pipe.execute()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        raw = self.redis.hgetall(keys.job(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        return Job.from_redis(raw)
+
+    def jobs(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
+        """Jobs newest first, optionally in one state."""
+        ids: list[str] = []
+        ids += self.redis.zrange(keys.QUEUE, 0, limit - 1)
+        ids += self.redis.zrange(keys.RUNNING, 0, -1)
+        ids += self.redis.zrevrange(keys.ENDED, 0, limit - 1)
+        jobs = []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            raws = pipe.execute()
+        stale = []
+        for job_id, raw in zip(ids, raws, strict=True):
+            if not raw:
+                stale.append(job_id)  # expired by its result TTL
+                continue
+            job = Job.from_redis(raw)
+            if state is None or job.state == state:
+                jobs.append(job)
+        if stale:
+            self.redis.zrem(keys.ENDED, *stale)
+        jobs.sort(key=lambda j: j.created_at, reverse=True)
+        return jobs[:limit]
+
+    def queue_depth(self) -> int:
+        return int(self.redis.zcard(keys.QUEUE))
+
+    def cancel(self, job_id: str) -> JobState | str:
+        """Cancel a job: a queued job ends at once; a running one is stopped by its worker.
+
+        Returns the resulting state, or "cancelling" while a running job is being stopped.
+        """
+        out = self._cancel(
+            keys=[keys.QUEUE, keys.ENDED, keys.job(job_id), keys.job_log(job_id)],
+            args=[job_id, time.time(), self.settings.result_ttl_s],
+        )
+        if out is None:
+            raise JobNotFound(job_id)
+        if out in ("succeeded",):
+            raise InvalidTransition(f"job {job_id} already succeeded; nothing to cancel")
+        return out
+
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again, with a fresh attempt budget."""
+        out = self._retry(
+            keys=[keys.ENDED, keys.QUEUE, keys.WAKE, keys.job(job_id), keys.job_log(job_id)],
+            args=[job_id],
+        )
+        if out is None:
+            raise JobNotFound(job_id)
+        if out != 1:
+            raise InvalidTransition(
+                f"job {job_id} is {out}; only failed or cancelled jobs can be retried"
+            )
+        return self.get(job_id)
+
+    def purge(self, older_than_s: float) -> list[str]:
+        """Delete ended jobs that ended more than `older_than_s` ago. Returns their ids."""
+        cutoff = time.time() - older_than_s
+        ids = self.redis.zrangebyscore(keys.ENDED, "-inf", cutoff)
+        if ids:
+            with self.redis.pipeline(transaction=True) as pipe:
+                for job_id in ids:
+                    pipe.delete(keys.job(job_id), keys.job_log(job_id))
+                pipe.zrem(keys.ENDED, *ids)
+                pipe.execute()
+        return list(ids)
+
+    def logs(self, job_id: str, start: int = 0) -> list[str]:
+        """Log lines of a job from index `start` of what is kept."""
+        return list(self.redis.lrange(keys.job_log(job_id), start, -1))
+
+    def follow_logs(self, job_id: str, poll_s: float = 0.5) -> Iterator[str]:
+        """Yield log lines as they arrive until the job ends."""
+        seen = 0
+        while True:
+            lines = self.logs(job_id, seen)
+            # The list is capped; when it rolled over, restart from what is kept.
+            seen += len(lines)
+            yield from lines
+            if self.get(job_id).state.ended:
+                yield from self.logs(job_id, seen)
+                return
+            time.sleep(poll_s)
+
+    def workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        out = []
+        for worker_id, beat in self.redis.zrange(keys.WORKERS, 0, -1, withscores=True):
+            age = now - beat
+            if age > self.settings.heartbeat_timeout_s * 3:
+                self.redis.zrem(keys.WORKERS, worker_id)  # long gone
+                continue
+            info = self.redis.hgetall(keys.worker(worker_id))
+            out.append(
+                WorkerInfo(
+                    id=worker_id,
+                    heartbeat_age_s=age,
+                    job_id=info.get("job_id") or None,
+                    host=info.get("host", ""),
+                    pid=int(info.get("pid", 0) or 0),
+                )
+            )
+        return out
+
+    # --- worker side --------------------------------------------------------------
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Block until a job is submitted or the timeout passes."""
+        self.redis.blpop([keys.WAKE], timeout=timeout_s)
+
+    def claim(self, worker_id: str) -> Job | None:
+        now = time.time()
+        job_id = self._claim(
+            keys=[keys.QUEUE, keys.RUNNING],
+            args=[keys.JOB, worker_id, now, now + self.settings.heartbeat_timeout_s],
+        )
+        return self.get(job_id) if job_id else None
+
+    def heartbeat(self, job: Job, worker_id: str) -> bool:
+        """Renew the job's deadline; False when this attempt no longer owns the job."""
+        deadline = time.time() + self.settings.heartbeat_timeout_s
+        return bool(
+            self._heartbeat(
+                keys=[keys.RUNNING, keys.job(job.id)],
+                args=[worker_id, job.attempts, deadline, job.id],
+            )
+        )
+
+    def beat_worker(self, worker_id: str, host: str, pid: int, job_id: str | None) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys.WORKERS, {worker_id: time.time()})
+            pipe.hset(
+                keys.worker(worker_id),
+                mapping={"host": host, "pid": str(pid), "job_id": job_id or ""},
+            )
+            pipe.expire(keys.worker(worker_id), int(self.settings.heartbeat_timeout_s * 3) + 1)
+            pipe.execute()
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.redis.zrem(keys.WORKERS, worker_id)
+        self.redis.delete(keys.worker(worker_id))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(keys.job(job_id), "cancel_requested") == "1"
+
+    def set_progress(self, job: Job, progress: Progress) -> None:
+        self.redis.hset(keys.job(job.id), "progress", progress.model_dump_json())
+
+    def log(self, job_id: str, line: str) -> None:
+        key = keys.job_log(job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, line)
+            pipe.ltrim(key, -self.settings.job_log_lines, -1)
+            pipe.execute()
+
+    def _end_attempt(self, job: Job, worker_id: str, state: JobState, **fields: str) -> bool:
+        args: list[object] = [
+            worker_id,
+            job.attempts,
+            state.value,
+            time.time(),
+            self.settings.result_ttl_s,
+            job.id,
+        ]
+        for k, v in fields.items():
+            args += [k, v]
+        return bool(
+            self._end(
+                keys=[keys.RUNNING, keys.ENDED, keys.job(job.id), keys.job_log(job.id)], args=args
+            )
+        )
+
+    def succeed(self, job: Job, worker_id: str, result: JobResult) -> bool:
+        progress = Progress(stage=Stage.DONE, fraction=1.0, message="done")
+        return self._end_attempt(
+            job,
+            worker_id,
+            JobState.SUCCEEDED,
+            result=result.model_dump_json(),
+            progress=progress.model_dump_json(),
+            error="",
+        )
+
+    def fail(self, job: Job, worker_id: str, error: str) -> bool:
+        return self._end_attempt(job, worker_id, JobState.FAILED, error=error)
+
+    def mark_cancelled(self, job: Job, worker_id: str) -> bool:
+        return self._end_attempt(job, worker_id, JobState.CANCELLED, error="cancelled while running")
+
+    def requeue_own(self, job: Job, worker_id: str, reason: str, refund: bool) -> bool:
+        """Return this worker's attempt to the queue; `refund` un-counts the attempt."""
+        return bool(
+            self._requeue_own(
+                keys=[keys.RUNNING, keys.QUEUE, keys.WAKE, keys.job(job.id)],
+                args=[worker_id, job.attempts, job.id, "1" if refund else "0", reason],
+            )
+        )
+
+    def reap(self) -> list[tuple[str, str]]:
+        """Re-queue or fail jobs of dead workers. Returns (job id, action) pairs."""
+        out = self._reap(
+            keys=[keys.RUNNING, keys.QUEUE, keys.ENDED, keys.WAKE],
+            args=[keys.JOB, time.time(), self.settings.result_ttl_s, keys.JOB_LOG],
+        )
+        return list(zip(out[::2], out[1::2], strict=True))

@@ -1,0 +1,1 @@
+"""The quantization worker: takes jobs from Redis and runs ModelOpt PTQ on them."""

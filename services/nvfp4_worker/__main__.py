@@ -1,0 +1,5 @@
+import sys
+
+from nvfp4_worker.main import main
+
+sys.exit(main())

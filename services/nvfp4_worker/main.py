@@ -1,0 +1,172 @@
+"""The worker loop: claim a job, run it in a fresh process, watch it, repeat.
+
+Each job runs in its own child process (`nvfp4_worker.runner`) because:
+- GPU memory is only reliably returned when the process that used it exits;
+- a cancel must stop a job promptly, even inside a long CUDA kernel or calibration loop;
+- a job killed by the OOM killer takes only its own process down, and the worker
+  re-queues it (the attempt still counts, so a job that always runs out of memory ends).
+The parent stays small and keeps renewing the job's heartbeat while the child works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import redis
+
+from nvfp4_common.jobs import Job
+from nvfp4_common.queue import JobQueue
+from nvfp4_common.settings import Settings
+
+log = logging.getLogger("nvfp4_worker")
+
+
+class Worker:
+    def __init__(self, settings: Settings, queue: JobQueue | None = None) -> None:
+        self.settings = settings
+        self.queue = queue or JobQueue(settings)
+        self.id = settings.worker_name
+        self.host = socket.gethostname()
+        self._stopping = False
+        # Wait at most this long between looks at Redis (cancel requests, shutdown).
+        self._poll_s = min(0.5, settings.heartbeat_interval_s)
+
+    def stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        if not self._stopping:
+            log.info("shutting down (signal %s)", signum)
+        self._stopping = True
+
+    def run(self, burst: bool = False) -> None:
+        """Work until stopped; with `burst`, return once the queue is empty."""
+        log.info("worker %s started (redis %s)", self.id, _masked(self.settings.redis_url))
+        backoff = 0.5
+        while not self._stopping:
+            try:
+                self.queue.beat_worker(self.id, self.host, os.getpid(), None)
+                for job_id, action in self.queue.reap():
+                    log.warning("job %s of a dead worker: %s", job_id, action)
+                job = self.queue.claim(self.id)
+                backoff = 0.5
+                if job is None:
+                    if burst:
+                        break
+                    self.queue.wait_for_work(timeout_s=1.0)
+                    continue
+                self._run(job)
+            except redis.ConnectionError as e:
+                # Redis restarting: keep the worker alive and try again, backing off.
+                log.warning("redis unavailable (%s); retrying in %.1f s", e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+        try:
+            self.queue.remove_worker(self.id)
+        except redis.ConnectionError:
+            pass
+        log.info("worker %s stopped", self.id)
+
+    def _run(self, job: Job) -> None:
+        log.info("job %s attempt %d/%d: %s", job.id, job.attempts, job.max_attempts, job.spec.model)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "nvfp4_worker.runner", job.id, self.id, str(job.attempts)],
+            start_new_session=True,  # its own process group, so a cancel reaches its children
+        )
+        next_beat = 0.0
+        while True:
+            try:
+                code = child.wait(timeout=self._poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+                    self.queue.beat_worker(self.id, self.host, os.getpid(), job.id)
+                    if not self.queue.heartbeat(job, self.id):
+                        log.warning("job %s: this attempt no longer owns the job; stopping it", job.id)
+                        self._kill(child)
+                        return
+                if self.queue.cancel_requested(job.id):
+                    self._kill(child)
+                    self.queue.mark_cancelled(job, self.id)
+                    log.info("job %s cancelled", job.id)
+                    return
+            except redis.ConnectionError as e:
+                # The job keeps running; if Redis stays away past the heartbeat timeout the
+                # job is re-queued and this attempt is fenced off when we get back.
+                log.warning("redis unavailable during job %s: %s", job.id, e)
+            if self._stopping:
+                self._kill(child)
+                self.queue.requeue_own(job, self.id, "worker shut down; re-queued", refund=True)
+                log.info("job %s re-queued for another worker", job.id)
+                return
+        self._after_exit(job, code)
+
+    def _after_exit(self, job: Job, code: int) -> None:
+        if code == 0:
+            return  # the job process recorded the outcome itself
+        if code < 0:
+            reason = f"job process killed by {signal.Signals(-code).name}"
+            if -code == signal.SIGKILL:
+                reason += " (out of memory?)"
+            if job.attempts < job.max_attempts:
+                self.queue.requeue_own(job, self.id, reason + "; re-queued", refund=False)
+                log.warning("job %s: %s; re-queued", job.id, reason)
+            else:
+                self.queue.fail(job, self.id, f"{reason} on attempt {job.attempts} of {job.max_attempts}")
+                log.error("job %s: %s; no attempts left", job.id, reason)
+            return
+        self.queue.fail(job, self.id, f"job process exited with code {code}; see the worker log")
+
+    def _kill(self, child: subprocess.Popen[bytes]) -> None:
+        """SIGTERM the job's process group, then SIGKILL after the grace period."""
+        for sig, wait_s in ((signal.SIGTERM, self.settings.cancel_grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:
+                child.wait()
+                return
+            try:
+                child.wait(timeout=wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _masked(url: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from nvfp4_common.settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="python -m nvfp4_worker", description=__doc__)
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = get_settings()
+    except ValueError as e:
+        print(f"error: invalid settings: {e}", file=sys.stderr)
+        return 2
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    worker = Worker(settings)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.run(burst=args.burst)
+    return 0

@@ -1,0 +1,50 @@
+"""One job attempt, run in a fresh process by the worker (`python -m nvfp4_worker.runner`).
+
+The process records the outcome itself (succeeded or failed, fenced by worker id and
+attempt) and exits 0. Any other exit is handled by the worker: a signal means it was
+killed (re-queued while attempts remain), another code is a crash.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from nvfp4_common.jobs import JobState
+from nvfp4_common.queue import JobQueue
+from nvfp4_common.settings import get_settings
+from nvfp4_worker.errors import JobError
+from nvfp4_worker.reporter import RedisReporter
+
+
+def main(argv: list[str]) -> int:
+    job_id, worker_id, attempt = argv[0], argv[1], int(argv[2])
+    settings = get_settings()
+    queue = JobQueue(settings)
+    job = queue.get(job_id)
+    if job.state != JobState.RUNNING or job.worker_id != worker_id or job.attempts != attempt:
+        return 0  # re-queued or cancelled before we started: nothing to do
+    reporter = RedisReporter(queue, job)
+    reporter.log(f"attempt {job.attempts} of {job.max_attempts} on {worker_id}")
+    try:
+        # Imported here so the worker loop itself never loads torch.
+        from nvfp4_worker import pipeline
+
+        result = pipeline.run(job.spec, settings, reporter, job.id)
+    except JobError as e:
+        reporter.log(f"failed: {e}")
+        queue.fail(job, worker_id, str(e))
+        return 0
+    except Exception as e:  # a bug: keep the traceback in the job's log
+        for line in traceback.format_exc().splitlines()[-30:]:
+            queue.log(job.id, line)
+        message = str(e).splitlines()[0] if str(e) else ""
+        queue.fail(job, worker_id, f"internal error: {type(e).__name__}: {message}")
+        return 0
+    reporter.log(f"succeeded: {result.output_path}")
+    queue.succeed(job, worker_id, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
