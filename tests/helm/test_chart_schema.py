@@ -1,0 +1,76 @@
+"""values.schema.json refuses values of the wrong type or shape before anything renders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from .chart import ROOT, Chart, nested
+
+SCHEMA_ERROR = "values don't meet the specifications of the schema"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("worker.gpus", "two"),
+        ("worker.gpus", 1.5),
+        ("worker.replicas", -1),
+        ("worker.terminationGracePeriodSeconds", "2m"),
+        ("worker.gpu", 1),  # misspelt key
+        ("config.env", "staging"),
+        ("config.maxAttempts", 0),
+        ("serve.gpuMemoryUtilization", 1.5),
+        ("serve.tensorParallelSize", 0),
+        ("serve.modelPath", "../../etc"),
+        ("serve.modelPath", "/abs/path"),
+        ("serve.maxModelLen", "8k"),
+        ("ray.upgradeStrategy", "Recreate"),
+        ("ray.worker.gpus", 0),
+        ("ray.head.rayStartParams", ["num-cpus=0"]),
+        ("redis.enabled", "yes"),
+        ("redis.externalUrl", "http://cache:6379"),
+        ("redis.appendfsync", "sometimes"),
+        ("secrets.redisPassword", "p@ss/word"),
+        ("secrets.apiKeys", "one-key-as-a-string"),
+        ("secrets.apiKeys", ["short"]),
+        ("persistence.models.size", "lots"),
+        ("persistence.models.accessModes", ["ReadWriteSometimes"]),
+        ("ingress.hosts", [{"host": "a.example.com", "paths": [{"path": "api"}]}]),
+        ("metrics.serviceMonitor.interval", 30),
+    ],
+)
+def test_refuses_a_wrong_type_via_the_schema(chart: Chart, key: str, value: Any) -> None:
+    error = chart.error(nested(key, value))
+    assert SCHEMA_ERROR in error
+    assert key.rsplit(".", 1)[0] in error, error
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("worker.gpus", 0),
+        ("serve.modelPath", "org/model-nvfp4"),
+        ("secrets.redisPassword", "Abc-123_x.y~z"),
+        ("redis.externalUrl", ""),
+        ("config.extra", {"RESULT_TTL_S": 60}),
+        ("ray.head.rayStartParams", {"num-cpus": 0}),
+        ("global", {"anything": True}),
+    ],
+)
+def test_accepts_valid_values(chart: Chart, key: str, value: Any) -> None:
+    chart.render(nested(key, value))
+
+
+def test_the_schema_is_generated_from_values_yaml() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "helm" / "values_schema.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
