@@ -104,3 +104,19 @@ def settings(redis_url: str, models_dir: Path) -> Settings:
 @pytest.fixture
 def queue(settings: Settings) -> JobQueue:
     return JobQueue(settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BF16 Qwen3 with its own tokenizer: for plumbing, not quality."""
+    from tests.fixtures.models import make_tiny_qwen3
+
+    return make_tiny_qwen3(tmp_path_factory.mktemp("src") / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Offline English text (Project Gutenberg plays) as a .txt calibration file."""
+    from tests.fixtures.text import write_text_file
+
+    return write_text_file(tmp_path_factory.mktemp("data") / "calib.txt", max_chars=400_000)

@@ -9,7 +9,7 @@ import json
 import re
 import time
 import uuid
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,7 +20,7 @@ HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{
 OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -32,7 +32,7 @@ class JobState(str, Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
-class Priority(str, Enum):
+class Priority(StrEnum):
     HIGH = "high"
     NORMAL = "normal"
     LOW = "low"
@@ -42,13 +42,13 @@ class Priority(str, Enum):
         return {"high": 0, "normal": 1, "low": 2}[self.value]
 
 
-class QuantFormat(str, Enum):
+class QuantFormat(StrEnum):
     NVFP4 = "nvfp4"
     NVFP4_FP8_KV = "nvfp4-fp8kv"  # NVFP4 weights/activations plus an FP8 KV cache
     FP8 = "fp8"
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     QUEUED = "queued"
     LOADING = "loading"
     CALIBRATING = "calibrating"
@@ -152,7 +152,7 @@ class Job(BaseModel):
     spec: JobSpec
     priority: Priority = Priority.NORMAL
     state: JobState = JobState.QUEUED
-    progress: Progress = Field(default_factory=Progress)
+    progress: Progress = Field(default_factory=lambda: Progress())
     attempts: int = 0
     max_attempts: int = 3
     worker_id: str | None = None
@@ -195,4 +195,3 @@ class Job(BaseModel):
             else:
                 data[name] = value
         return cls.model_validate(data)
-

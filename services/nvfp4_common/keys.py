@@ -27,6 +27,10 @@ WAKE = PREFIX + "wake"
 WORKERS = PREFIX + "workers"
 WORKER = PREFIX + "worker:"
 
+# List of Ray Serve configs (JSON), newest first: what was live before each model switch
+# made by `nvfp4ctl serve deploy`, so `serve rollback` can bring it back. Capped.
+SERVE_HISTORY = PREFIX + "serve:history"
+
 
 def job(job_id: str) -> str:
     return JOB + job_id

@@ -14,9 +14,11 @@ Design (why each piece exists):
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -129,7 +131,8 @@ for _, id in ipairs(ids) do
       table.insert(out, id); table.insert(out, 'failed')
     else
       redis.call('HSET', key, 'state', 'queued', 'worker_id', '', 'error',
-                 'attempt ' .. attempts .. ' lost: worker ' .. worker .. ' stopped sending heartbeats')
+                 'attempt ' .. attempts .. ' lost: worker ' .. worker
+                 .. ' stopped sending heartbeats')
       redis.call('ZADD', KEYS[2], redis.call('HGET', key, 'score'), id)
       redis.call('LPUSH', KEYS[4], id)
       table.insert(out, id); table.insert(out, 'requeued')
@@ -145,7 +148,8 @@ local state = redis.call('HGET', KEYS[3], 'state')
 if not state then return false end
 if state == 'queued' then
   redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HSET', KEYS[3], 'state', 'cancelled', 'ended_at', ARGV[2], 'error', 'cancelled while queued')
+  redis.call('HSET', KEYS[3], 'state', 'cancelled', 'ended_at', ARGV[2],
+             'error', 'cancelled while queued')
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
   redis.call('EXPIRE', KEYS[3], ARGV[3])
   redis.call('EXPIRE', KEYS[4], ARGV[3])
@@ -189,7 +193,8 @@ class JobQueue:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.redis: redis.Redis = client or redis.Redis.from_url(
+        # decode_responses: every value we store is text (JSON or plain strings).
+        self.redis: Any = client or redis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,
             socket_connect_timeout=5,
@@ -335,6 +340,23 @@ class JobQueue:
             )
         return out
 
+    # --- serving history (the admin CLI's rollback) ----------------------------------
+
+    def push_serve_config(self, config: dict[str, Any], keep: int = 20) -> None:
+        """Remember a Serve config that was live before a model switch."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(keys.SERVE_HISTORY, json.dumps(config, separators=(",", ":")))
+            pipe.ltrim(keys.SERVE_HISTORY, 0, keep - 1)
+            pipe.execute()
+
+    def serve_configs(self) -> list[dict[str, Any]]:
+        """Remembered Serve configs, newest first."""
+        return [json.loads(raw) for raw in self.redis.lrange(keys.SERVE_HISTORY, 0, -1)]
+
+    def pop_serve_config(self) -> dict[str, Any] | None:
+        raw = self.redis.lpop(keys.SERVE_HISTORY)
+        return json.loads(raw) if raw else None
+
     # --- worker side --------------------------------------------------------------
 
     def wait_for_work(self, timeout_s: float) -> None:
@@ -387,7 +409,7 @@ class JobQueue:
             pipe.execute()
 
     def _end_attempt(self, job: Job, worker_id: str, state: JobState, **fields: str) -> bool:
-        args: list[object] = [
+        args: list[str | int | float] = [
             worker_id,
             job.attempts,
             state.value,
@@ -418,7 +440,9 @@ class JobQueue:
         return self._end_attempt(job, worker_id, JobState.FAILED, error=error)
 
     def mark_cancelled(self, job: Job, worker_id: str) -> bool:
-        return self._end_attempt(job, worker_id, JobState.CANCELLED, error="cancelled while running")
+        return self._end_attempt(
+            job, worker_id, JobState.CANCELLED, error="cancelled while running"
+        )
 
     def requeue_own(self, job: Job, worker_id: str, reason: str, refund: bool) -> bool:
         """Return this worker's attempt to the queue; `refund` un-counts the attempt."""

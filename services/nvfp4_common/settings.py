@@ -6,10 +6,12 @@ Values come from `NVFP4_*` environment variables or a `.env` file. Build it with
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,28 +78,119 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Extra free disk required beyond the expected checkpoint size."
     )
 
+    # --- serving (nvfp4_serve; build_app args override these) -------------------------
+    serve_model: str | None = Field(
+        None, description="Checkpoint to serve: a local folder or a Hugging Face id (org/name)."
+    )
+    serve_model_name: str | None = Field(
+        None, description="Model id clients send as `model`; defaults to the folder/repo name."
+    )
+    serve_max_model_len: int = Field(
+        8192,
+        gt=0,
+        description="Context length; lowered (with a warning) to the model's"
+        " max_position_embeddings.",
+    )
+    serve_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM's share of GPU memory for weights and KV cache."
+    )
+    serve_tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica.")
+    serve_accelerator: Literal["gpu", "cpu"] = Field(
+        "gpu", description="`cpu` runs vLLM's CPU build (tests, laptops); NVFP4 is emulated."
+    )
+    serve_num_replicas: int = Field(
+        1, ge=1, description="Fixed engine replicas (ignored when autoscaling is on)."
+    )
+    serve_autoscaling: bool = Field(
+        False, description="Let Ray Serve scale replicas between min and max replicas."
+    )
+    serve_min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    serve_max_replicas: int = Field(2, ge=1, description="Autoscaling upper bound.")
+    serve_target_ongoing_requests: int = Field(
+        16, ge=1, description="Autoscaling target: in-flight requests per replica."
+    )
+    serve_engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments, passed through untouched (JSON object).",
+    )
+    serve_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted Bearer tokens (JSON list). Required in production unless a key"
+        " file is set.",
+    )
+    serve_api_key_file: Path | None = Field(
+        None,
+        description="File with one API key per line (a mounted secret); re-read when it changes.",
+    )
+    serve_preflight: bool = Field(
+        True,
+        description="Before starting, check that weights + KV cache fit the free memory of this"
+        " host (CPU serving, or GPUs that share host memory).",
+    )
+    serve_unified_memory: bool = Field(
+        False,
+        description="GPU and CPU share memory (DGX Spark/GB10): gpu_memory_utilization is no"
+        " real cap, so preflight checks MemAvailable.",
+    )
+    serve_memory_overhead_gb: float = Field(
+        2.0, ge=0, description="Preflight allowance for activations, CUDA graphs and runtime."
+    )
+    serve_readiness_prompt: str = Field(
+        "Hello", min_length=1, description="Prompt of the 1-token generation behind /readyz."
+    )
+    serve_cpu_weight_cache: bool = Field(
+        True,
+        description="CPU only: unpack NVFP4 weights once at load (about 3.5x the packed size in"
+        " RAM, about 10x faster) instead of on every forward pass.",
+    )
+
     # --- admin CLI --------------------------------------------------------------------
     ray_address: str = Field(
-        "http://127.0.0.1:8265", description="Ray dashboard (REST API) the CLI manages serving through."
+        "http://127.0.0.1:8265",
+        description="Ray dashboard (REST API) the CLI manages serving through.",
     )
+    ray_auth_token: SecretStr | None = Field(
+        None, description="Token for Ray's dashboard when Ray token authentication is on."
+    )
+    serve_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Ray Serve's HTTP proxy; the CLI checks a new app's /readyz through it.",
+    )
+    serve_app_name: str = Field(
+        "nvfp4", description="Base name of the Serve application; deploys add a short suffix."
+    )
+    serve_route_prefix: str = Field("/", description="Route the live model is served on.")
+    serve_import_path: str = Field(
+        "nvfp4_serve.app:build_app", description="Serve application builder the CLI deploys."
+    )
+    serve_ready_timeout_s: float = Field(
+        1800.0, gt=0, description="How long `serve deploy` waits for a new model to be ready."
+    )
+    workers_mode: Literal["compose", "kubernetes"] = Field(
+        "compose", description="Where `workers scale` scales the worker: Docker Compose or Helm."
+    )
+    compose_project: str = Field(
+        "nvfp4-stack", description="Docker Compose project name of the stack."
+    )
+    worker_service: str = Field("worker", description="Compose service name of the worker.")
+    k8s_namespace: str = Field("default", description="Kubernetes namespace of the Helm release.")
+    helm_release: str = Field("nvfp4", description="Helm release name of the stack.")
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:
-        if self.env == "production" and self.redis_url == DEV_REDIS_URL:
+        if self.env == "production" and (
+            self.redis_url == DEV_REDIS_URL or not urlparse(self.redis_url).password
+        ):
             raise ValueError(
-                "NVFP4_REDIS_URL must be set in production (with a password, e.g. "
-                "redis://:PASSWORD@redis:6379/0)"
+                "NVFP4_REDIS_URL must be set in production, with a password "
+                "(e.g. redis://:PASSWORD@redis:6379/0)"
             )
         return self
 
     @property
     def worker_name(self) -> str:
-        import os
-
         return f"{self.worker_id}-{os.getpid()}"
 
-    def redis_password(self) -> SecretStr | None:
-        from urllib.parse import urlparse
 
         password = urlparse(self.redis_url).password
         return SecretStr(password) if password else None

@@ -10,6 +10,7 @@ The parent stays small and keeps renewing the job's heartbeat while the child wo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -65,10 +66,8 @@ class Worker:
                 log.warning("redis unavailable (%s); retrying in %.1f s", e, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
-        try:
+        with contextlib.suppress(redis.ConnectionError):
             self.queue.remove_worker(self.id)
-        except redis.ConnectionError:
-            pass
         log.info("worker %s stopped", self.id)
 
     def _run(self, job: Job) -> None:
@@ -76,6 +75,7 @@ class Worker:
         child = subprocess.Popen(
             [sys.executable, "-m", "nvfp4_worker.runner", job.id, self.id, str(job.attempts)],
             start_new_session=True,  # its own process group, so a cancel reaches its children
+            preexec_fn=_die_with_parent,
         )
         next_beat = 0.0
         while True:
@@ -89,7 +89,9 @@ class Worker:
                     next_beat = time.monotonic() + self.settings.heartbeat_interval_s
                     self.queue.beat_worker(self.id, self.host, os.getpid(), job.id)
                     if not self.queue.heartbeat(job, self.id):
-                        log.warning("job %s: this attempt no longer owns the job; stopping it", job.id)
+                        log.warning(
+                            "job %s: this attempt no longer owns the job; stopping it", job.id
+                        )
                         self._kill(child)
                         return
                 if self.queue.cancel_requested(job.id):
@@ -119,7 +121,9 @@ class Worker:
                 self.queue.requeue_own(job, self.id, reason + "; re-queued", refund=False)
                 log.warning("job %s: %s; re-queued", job.id, reason)
             else:
-                self.queue.fail(job, self.id, f"{reason} on attempt {job.attempts} of {job.max_attempts}")
+                self.queue.fail(
+                    job, self.id, f"{reason} on attempt {job.attempts} of {job.max_attempts}"
+                )
                 log.error("job %s: %s; no attempts left", job.id, reason)
             return
         self.queue.fail(job, self.id, f"job process exited with code {code}; see the worker log")
@@ -137,6 +141,16 @@ class Worker:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _die_with_parent() -> None:
+    """In the job process: get SIGKILL when the worker dies, so an orphan never keeps
+    holding GPU memory or publishes for a job that was re-queued."""
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _masked(url: str) -> str:

@@ -7,6 +7,7 @@ killed (re-queued while attempts remain), another code is a crash.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -47,4 +48,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown (seconds with torch and CUDA loaded): the outcome is
+    # recorded, the OS frees the memory, and the worker is free for the next job sooner.
+    os._exit(code)
