@@ -77,6 +77,16 @@ class Settings(BaseSettings):
     min_free_disk_gb: float = Field(
         1.0, ge=0, description="Extra free disk required beyond the expected checkpoint size."
     )
+    cpu_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Compute dtype for quantization on a CPU (checkpoints are BF16 either way);"
+        " float32 is several times faster on CPUs without native BF16 matrix units.",
+    )
+    hf_cache_dir: Path | None = Field(
+        None,
+        description="Hugging Face hub cache to download models into and read them from;"
+        " unset = the huggingface_hub default (HF_HUB_CACHE).",
+    )
 
     # --- serving (nvfp4_serve; build_app args override these) -------------------------
     serve_model: str | None = Field(

@@ -1,0 +1,3 @@
+from nvfp4_admin.cli import main
+
+main()

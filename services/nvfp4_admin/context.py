@@ -1,0 +1,116 @@
+"""The object every command receives: settings, and clients built on first use.
+
+Commands get it with `@pass_app`. Clients are created lazily so `--help`, `estimate` and
+`doctor` never need Redis or Ray to be up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from nvfp4_admin.output import mask_url
+from nvfp4_common.settings import Settings
+
+if TYPE_CHECKING:
+    from nvfp4_admin.ray_client import RayClient
+    from nvfp4_common.queue import JobQueue
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class AppContext:
+    """Settings for this invocation plus the clients commands share."""
+
+    settings: Settings
+    debug: bool = False
+    _queue: JobQueue | None = field(default=None, repr=False)
+    _ray: RayClient | None = field(default=None, repr=False)
+
+    @property
+    def queue(self) -> JobQueue:
+        if self._queue is None:
+            from nvfp4_common.queue import JobQueue
+
+            self._queue = JobQueue(self.settings)
+        return self._queue
+
+    @property
+    def ray(self) -> RayClient:
+        if self._ray is None:
+            from nvfp4_admin.ray_client import RayClient
+
+            s = self.settings
+            self._ray = RayClient(s.ray_address, s.serve_url, s.ray_auth_token)
+        return self._ray
+
+    def close(self) -> None:
+        if self._ray is not None:
+            self._ray.close()
+        if self._queue is not None:
+            self._queue.redis.close()
+
+
+pass_app = click.make_pass_decorator(AppContext)
+
+
+def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    """Settings from NVFP4_* variables and a .env-style file, then command-line overrides.
+
+    Built directly rather than through the cached get_settings(): each invocation may pass
+    different overrides, and a cached object would leak them between invocations.
+    """
+    try:
+        return Settings(_env_file=config if config else ".env", **overrides)  # type: ignore[call-arg]
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise click.ClickException(f"invalid settings: {problems}") from None
+
+
+def json_option(func: F) -> F:
+    """Add --json: print machine-readable JSON instead of a table."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON instead of a table (for scripts)."
+    )(func)
+
+
+def describe_error(e: BaseException, settings: Settings | None) -> str | None:
+    """One line for errors a user can cause or fix; None for bugs (they keep a traceback)."""
+    import httpx
+    import redis
+
+    from nvfp4_admin.ray_client import RayApiError
+    from nvfp4_common.queue import InvalidTransition, JobNotFound
+
+    redis_url = mask_url(settings.redis_url) if settings else "Redis"
+    # AuthenticationError is a ConnectionError in redis-py: check it first.
+    refused = isinstance(e, redis.exceptions.AuthenticationError) or (
+        isinstance(e, redis.exceptions.ResponseError) and "NOAUTH" in str(e)
+    )
+    if refused:
+        return f"Redis at {redis_url} refused the password: {e} (check NVFP4_REDIS_URL)"
+    if isinstance(e, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return f"cannot reach Redis at {redis_url}: {e}"
+    if isinstance(e, JobNotFound | InvalidTransition | RayApiError):
+        return str(e)
+    if isinstance(e, httpx.TransportError):
+        where = str(e.request.url) if _has_request(e) else "the server"
+        return f"cannot reach {where}: {e or type(e).__name__}"
+    return None
+
+
+def _has_request(e: Any) -> bool:
+    try:
+        e.request  # noqa: B018 - httpx raises RuntimeError when no request is attached
+    except RuntimeError:
+        return False
+    return True

@@ -1,0 +1,155 @@
+"""`nvfp4ctl estimate MODEL`: predicted sizes and memory fit from config.json alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nvfp4_admin.context import json_option
+from nvfp4_admin.output import emit_json, human_bytes, table
+from nvfp4_admin.sizing import (
+    GIB,
+    ConfigError,
+    Shape,
+    checkpoint_sizes,
+    kv_bytes_per_token,
+    memory_fit,
+)
+from nvfp4_common.jobs import QuantFormat
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in QuantFormat]),
+    default=QuantFormat.NVFP4.value,
+    show_default=True,
+    help="Format to check the memory fit for.",
+)
+@click.option(
+    "--exclude", multiple=True, metavar="PATTERN", help="Module glob kept in BF16 (repeatable)."
+)
+@click.option(
+    "--memory-gb",
+    type=click.FloatRange(1),
+    default=128.0,
+    show_default=True,
+    help="Memory of the machine in GiB (a DGX Spark: 128, shared by CPU and GPU).",
+)
+@click.option(
+    "--reserve-gb",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="GiB left to the OS and other processes.",
+)
+@click.option("--calib-seq-len", type=click.IntRange(1), default=2048, show_default=True)
+@json_option
+def estimate(
+    model: Path,
+    fmt: str,
+    exclude: tuple[str, ...],
+    memory_gb: float,
+    reserve_gb: float,
+    calib_seq_len: int,
+    as_json: bool,
+) -> None:
+    """Predict checkpoint sizes, KV cache per token and whether MODEL fits in memory.
+
+    MODEL is a model folder or a bare config.json; no weights are read. Embeddings,
+    lm_head, norms, MoE routers and --exclude'd modules stay BF16; NVFP4 stores 4.5 bits
+    per weight (a 4-bit value plus one FP8 scale per 16 values).
+    """
+    config_path = model / "config.json" if model.is_dir() else model
+    try:
+        config = json.loads(config_path.read_text())
+        shape = Shape.from_config(config)
+    except FileNotFoundError:
+        raise click.ClickException(f"{config_path} does not exist") from None
+    except (ValueError, TypeError, ConfigError) as e:
+        raise click.ClickException(f"cannot read {config_path}: {e}") from None
+    sizes = checkpoint_sizes(shape, exclude)
+    fit = memory_fit(shape, sizes, fmt, memory_gb, reserve_gb, calib_seq_len)
+    on_disk = _weights_on_disk(model) if model.is_dir() else None
+    report: dict[str, Any] = {
+        "model": str(model),
+        "model_type": shape.model_type,
+        "params": sizes.params,
+        "bf16_bytes": sizes.bf16_bytes,
+        "nvfp4_bytes": sizes.quant_bytes["nvfp4"],
+        "fp8_bytes": sizes.quant_bytes["fp8"],
+        "bf16_kept_params": sizes.bf16_kept_params,
+        "excluded_modules": len(sizes.excluded_modules),
+        "kv_bytes_per_token": {
+            "bf16": kv_bytes_per_token(shape, 2),
+            "fp8": kv_bytes_per_token(shape, 1),
+        },
+        "weights_on_disk_bytes": on_disk,
+        "already_quantized": bool(config.get("quantization_config")),
+        "fit": fit.__dict__,
+    }
+    if as_json:
+        emit_json(report)
+        return
+    gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+    click.echo(
+        f"{config.get('architectures', [shape.model_type])[0]}: {sizes.params / 1e9:.2f} B"
+        f" parameters, {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads"
+        f" ({shape.kv_heads} KV), head_dim {shape.head_dim}"
+        + (f", {shape.experts} experts" if shape.experts else "")
+        + (", tied embeddings" if shape.tied else "")
+    )
+    if report["already_quantized"]:
+        click.echo("note: this config already carries a quantization_config")
+    rows = [
+        ("BF16", gib(sizes.bf16_bytes), "1.00x"),
+        (
+            "NVFP4",
+            gib(sizes.quant_bytes["nvfp4"]),
+            f"{sizes.quant_bytes['nvfp4'] / sizes.bf16_bytes:.2f}x",
+        ),
+        (
+            "FP8",
+            gib(sizes.quant_bytes["fp8"]),
+            f"{sizes.quant_bytes['fp8'] / sizes.bf16_bytes:.2f}x",
+        ),
+    ]
+    click.echo(table(("checkpoint", "size", "vs bf16"), rows))
+    if on_disk:
+        click.echo(f"weights on disk now: {gib(on_disk)}")
+    click.echo(
+        f"kept in BF16: {sizes.bf16_kept_params / 1e9:.2f} B parameters"
+        f" ({len(sizes.excluded_modules)} excluded linear modules incl. lm_head)"
+    )
+    click.echo(
+        f"KV cache per token: {human_bytes(report['kv_bytes_per_token']['bf16'])} BF16,"
+        f" {human_bytes(report['kv_bytes_per_token']['fp8'])} FP8"
+    )
+    click.echo(f"\nin {memory_gb:g} GiB ({reserve_gb:g} GiB left to the system), format {fmt}:")
+    verdict = "fits" if fit.quantize_fits else "DOES NOT FIT"
+    click.echo(
+        f"  quantize: peak ~{fit.quantize_peak_gib:.1f} GiB"
+        f" (BF16 model + export + calibration pass) -> {verdict}"
+    )
+    click.echo(
+        f"  serve: weights {fit.weights_gib:.1f} GiB; gpu_memory_utilization"
+        f" {fit.gpu_memory_utilization:.2f} leaves {fit.kv_budget_gib:.1f} GiB of KV cache"
+        f" = {fit.kv_tokens:,} tokens -> {'fits' if fit.serve_fits else 'DOES NOT FIT'}"
+    )
+    if fit.max_model_len:
+        click.echo(
+            f"  suggested: --gpu-memory-utilization {fit.gpu_memory_utilization:.2f}"
+            f" --max-model-len {fit.max_model_len}"
+            f" ({fit.concurrent_sequences} full-length sequence(s) at once;"
+            f" model limit {shape.max_positions or 'unknown'})"
+        )
+
+
+def _weights_on_disk(folder: Path) -> int | None:
+    files = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+    return sum(f.stat().st_size for f in files) if files else None

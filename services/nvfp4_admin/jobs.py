@@ -1,0 +1,319 @@
+"""`nvfp4ctl jobs ...`: submit and manage quantization jobs through the job queue."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from nvfp4_admin.context import AppContext, json_option, pass_app
+from nvfp4_admin.output import (
+    bar,
+    emit_json,
+    human_age,
+    human_bytes,
+    parse_duration,
+    since,
+    table,
+)
+from nvfp4_common.jobs import Job, JobSpec, JobState, Priority, QuantFormat, Stage
+from nvfp4_common.queue import JobQueue
+
+# Stages a job moves through after it is claimed, for "stage i/n" in progress lines.
+_WORK_STAGES = [s for s in Stage if s not in (Stage.QUEUED, Stage.DONE)]
+
+
+@click.group()
+def jobs() -> None:
+    """Submit, inspect and control quantization jobs."""
+
+
+@jobs.command()
+@click.argument("model")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in QuantFormat]),
+    default=QuantFormat.NVFP4.value,
+    show_default=True,
+    help="Target format: NVFP4 weights+activations, plus an FP8 KV cache, or FP8.",
+)
+@click.option(
+    "--calib-dataset", help="Hugging Face dataset id, or a local .txt/.jsonl file or folder."
+)
+@click.option("--calib-samples", type=click.IntRange(1), help="Calibration samples.")
+@click.option("--calib-seq-len", type=click.IntRange(1), help="Tokens per calibration sample.")
+@click.option(
+    "--eval-samples", type=click.IntRange(0), help="Held-out samples for perplexity; 0 skips."
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Glob of modules kept in high precision (repeatable), e.g. '*down_proj*'.",
+)
+@click.option("--name", help="Output folder name under the models directory.")
+@click.option(
+    "--priority",
+    type=click.Choice([p.value for p in Priority]),
+    default=Priority.NORMAL.value,
+    show_default=True,
+)
+@click.option(
+    "--wait", is_flag=True, help="Show live progress until the job ends; exit 1 if it fails."
+)
+@json_option
+@pass_app
+def submit(
+    app: AppContext,
+    model: str,
+    fmt: str,
+    calib_dataset: str | None,
+    calib_samples: int | None,
+    calib_seq_len: int | None,
+    eval_samples: int | None,
+    exclude: tuple[str, ...],
+    name: str | None,
+    priority: str,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Queue a job that quantizes MODEL (a Hugging Face id or a local folder).
+
+    Unset options take the job defaults (512 calibration samples of 2048 tokens from
+    allenai/c4, 32 evaluation samples).
+    """
+    fields: dict[str, Any] = {
+        "calib_dataset": calib_dataset,
+        "calib_samples": calib_samples,
+        "calib_seq_len": calib_seq_len,
+        "eval_samples": eval_samples,
+        "output_name": name,
+    }
+    try:
+        spec = JobSpec(
+            model=model,
+            format=QuantFormat(fmt),
+            exclude=list(exclude),
+            **{k: v for k, v in fields.items() if v is not None},
+        )
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "job"
+        message = err["msg"].removeprefix("Value error, ")
+        raise click.ClickException(f"invalid {where}: {message}") from None
+    job = app.queue.submit(spec, Priority(priority))
+    if not as_json:
+        click.echo(f"submitted {job.id}: {spec.model} -> {spec.resolved_output_name()}")
+    if wait:
+        job = _watch(app.queue, job.id, quiet=as_json)
+    if as_json:
+        emit_json(job)  # one document: the job as submitted, or as it ended with --wait
+    if wait and job.state != JobState.SUCCEEDED:
+        sys.exit(1)
+
+
+@jobs.command("list")
+@click.option(
+    "--state", type=click.Choice([s.value for s in JobState]), help="Only jobs in this state."
+)
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@json_option
+@pass_app
+def list_jobs(app: AppContext, state: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    found = app.queue.jobs(JobState(state) if state else None, limit=limit)
+    if as_json:
+        emit_json(found)
+        return
+    rows = [
+        (
+            j.id,
+            j.state.value,
+            j.priority.value,
+            _progress_text(j),
+            j.spec.model,
+            j.spec.format.value,
+            since(j.created_at),
+            j.worker_id,
+        )
+        for j in found
+    ]
+    headers = ("id", "state", "priority", "progress", "model", "format", "created", "worker")
+    click.echo(table(headers, rows, empty="no jobs"))
+
+
+@jobs.command()
+@click.argument("job_id", metavar="ID")
+@json_option
+@pass_app
+def show(app: AppContext, job_id: str, as_json: bool) -> None:
+    """Show one job: spec, progress, error and result."""
+    job = app.queue.get(job_id)
+    if as_json:
+        emit_json(job)
+        return
+    s = job.spec
+    lines = [
+        ("id", job.id),
+        ("state", job.state.value + (" (cancel requested)" if job.cancel_requested else "")),
+        ("model", s.model),
+        ("format", s.format.value),
+        ("output", s.resolved_output_name()),
+        ("priority", job.priority.value),
+        ("calibration", f"{s.calib_samples} x {s.calib_seq_len} tokens from {s.calib_dataset}"),
+        ("eval samples", s.eval_samples),
+        ("excluded", ", ".join(s.exclude) or "-"),
+        ("attempts", f"{job.attempts} of {job.max_attempts}"),
+        ("worker", job.worker_id),
+        (
+            "progress",
+            _progress_text(job) + (f"  {job.progress.message}" if job.progress.message else ""),
+        ),
+        ("created", since(job.created_at)),
+        ("started", since(job.started_at)),
+        ("ended", since(job.ended_at)),
+        ("error", job.error),
+    ]
+    r = job.result
+    if r is not None:
+        lines += [
+            ("output path", r.output_path),
+            (
+                "size",
+                f"{human_bytes(r.source_bytes)} -> {human_bytes(r.output_bytes)}"
+                f" ({r.output_bytes / max(r.source_bytes, 1):.2f}x)",
+            ),
+            (
+                "perplexity",
+                _perplexity(r.perplexity_base, r.perplexity_quant, r.perplexity_change_pct),
+            ),
+            ("duration", human_age(r.duration_s)),
+            ("report", f"{r.output_path}/report.json"),
+        ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        click.echo(f"{key.ljust(width)}  {'-' if value in (None, '') else value}")
+
+
+@jobs.command()
+@click.argument("job_id", metavar="ID")
+@pass_app
+def watch(app: AppContext, job_id: str) -> None:
+    """Show a job's live progress until it ends; exit 1 unless it succeeded."""
+    final = _watch(app.queue, job_id, quiet=False)
+    if final.state != JobState.SUCCEEDED:
+        sys.exit(1)
+
+
+@jobs.command()
+@click.argument("job_id", metavar="ID")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+@pass_app
+def logs(app: AppContext, job_id: str, follow: bool) -> None:
+    """Print a job's log lines (the most recent ones are kept)."""
+    app.queue.get(job_id)  # a clear error for an unknown id instead of an empty log
+    lines = app.queue.follow_logs(job_id) if follow else app.queue.logs(job_id)
+    for line in lines:
+        click.echo(line)
+
+
+@jobs.command()
+@click.argument("job_id", metavar="ID")
+@pass_app
+def cancel(app: AppContext, job_id: str) -> None:
+    """Cancel a job: a queued job ends now, a running one is stopped by its worker."""
+    before = app.queue.get(job_id).state
+    if before.ended:  # the queue answers an ended job with its state, as if just cancelled
+        click.echo(f"{job_id} is already {before.value}; nothing to cancel")
+        return
+    out = app.queue.cancel(job_id)
+    state = out.value if isinstance(out, JobState) else str(out)
+    if state == "cancelled":
+        click.echo(f"{job_id} cancelled")
+    elif state == "cancelling":
+        click.echo(f"{job_id} cancelling: its worker stops the job (see `jobs watch {job_id}`)")
+    else:
+        click.echo(f"{job_id} is already {state}; nothing to cancel")
+
+
+@jobs.command()
+@click.argument("job_id", metavar="ID")
+@pass_app
+def retry(app: AppContext, job_id: str) -> None:
+    """Queue a failed or cancelled job again with a fresh attempt budget."""
+    job = app.queue.retry(job_id)
+    click.echo(f"{job.id} queued again ({job.spec.model})")
+
+
+@jobs.command()
+@click.option(
+    "--older-than",
+    default="7d",
+    show_default=True,
+    help="Delete ended jobs that ended longer ago than this (e.g. 90m, 12h, 7d).",
+)
+@json_option
+@pass_app
+def purge(app: AppContext, older_than: str, as_json: bool) -> None:
+    """Delete ended jobs and their logs (their checkpoints stay on disk)."""
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--older-than") from None
+    ids = app.queue.purge(seconds)
+    if as_json:
+        emit_json({"purged": ids})
+    else:
+        click.echo(f"purged {len(ids)} job(s)" + (": " + " ".join(ids) if ids else ""))
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _progress_text(job: Job) -> str:
+    p = job.progress
+    if job.state == JobState.SUCCEEDED:
+        return "done"
+    if job.state == JobState.QUEUED or p.stage == Stage.QUEUED:
+        return "queued" if job.state == JobState.QUEUED else job.state.value
+    step = _WORK_STAGES.index(p.stage) + 1 if p.stage in _WORK_STAGES else len(_WORK_STAGES)
+    return f"{p.stage.value} {p.fraction:.0%} ({step}/{len(_WORK_STAGES)})"
+
+
+def _perplexity(base: float | None, quant: float | None, change: float | None) -> str:
+    if base is None or quant is None:
+        return "-"
+    return f"{base:.2f} -> {quant:.2f}" + (f" ({change:+.1f}%)" if change is not None else "")
+
+
+def _watch(queue: JobQueue, job_id: str, quiet: bool, poll_s: float = 0.5) -> Job:
+    """Redraw one progress line (or print changes when not a terminal) until the job ends."""
+    tty = sys.stdout.isatty()
+    last = ""
+    while True:
+        job = queue.get(job_id)
+        line = f"{job.id} {bar(job.progress.fraction)} {job.state.value}: {_progress_text(job)}"
+        if job.progress.message:
+            line += f"  {job.progress.message}"
+        if not quiet and line != last:
+            if tty:
+                width = max(len(last), len(line))
+                click.echo("\r" + line.ljust(width), nl=False)
+            else:
+                click.echo(line)
+            last = line
+        if job.state.ended:
+            break
+        time.sleep(poll_s)
+    if not quiet:
+        if tty:
+            click.echo()
+        if job.state == JobState.SUCCEEDED and job.result:
+            click.echo(f"succeeded: {job.result.output_path}")
+        elif job.state != JobState.SUCCEEDED:
+            click.echo(f"{job.state.value}: {job.error or 'no error recorded'}", err=True)
+    return job

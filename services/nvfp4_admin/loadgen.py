@@ -1,0 +1,222 @@
+"""Streaming load against an OpenAI-compatible endpoint: TTFT and decode speed.
+
+Each request streams /v1/completions with a fixed prompt and `ignore_eos` (a vLLM
+extension) so every request generates exactly max_tokens tokens; the token count comes
+from the final usage chunk (`stream_options.include_usage`), else from the chunks seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+# Plain prose so the prompt tokenizes to roughly one token per word on any tokenizer.
+_PROMPT_TEXT = (
+    "The quick brown fox jumps over the lazy dog while the river runs past the old mill and"
+    " children play near the water on a warm summer afternoon in the quiet valley"
+)
+
+
+def prompt_of(words: int) -> str:
+    vocab = _PROMPT_TEXT.split()
+    return " ".join(vocab[i % len(vocab)] for i in range(words))
+
+
+@dataclass
+class RequestStats:
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+    @property
+    def decode_tps(self) -> float | None:
+        """Tokens per second after the first token, for this one stream."""
+        span = self.total_s - self.ttft_s
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else None
+
+
+@dataclass
+class LevelStats:
+    concurrency: int
+    wall_s: float
+    requests: list[RequestStats] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.requests)
+
+    def summary(self) -> dict[str, Any]:
+        ttfts = sorted(r.ttft_s for r in self.requests)
+        per_stream = [d for r in self.requests if (d := r.decode_tps) is not None]
+        return {
+            "concurrency": self.concurrency,
+            "requests": len(self.requests),
+            "errors": len(self.errors),
+            "first_error": self.errors[0] if self.errors else None,
+            "tokens": self.tokens,
+            "wall_s": round(self.wall_s, 3),
+            "throughput_tok_s": round(self.tokens / self.wall_s, 2) if self.wall_s > 0 else None,
+            "decode_tok_s_per_stream": round(statistics.median(per_stream), 2)
+            if per_stream
+            else None,
+            "ttft_p50_ms": round(_pct(ttfts, 0.5) * 1000, 1) if ttfts else None,
+            "ttft_p90_ms": round(_pct(ttfts, 0.9) * 1000, 1) if ttfts else None,
+        }
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+class LoadGenerator:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        prompt_words: int,
+        max_tokens: int,
+        timeout_s: float,
+    ) -> None:
+        self.url = v1_url(base_url) + "/completions"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.body = {
+            "model": model,
+            "prompt": prompt_of(prompt_words),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+        self.timeout = httpx.Timeout(timeout_s, connect=10.0)
+
+    async def one(self, client: httpx.AsyncClient) -> RequestStats:
+        start = time.perf_counter()
+        first: float | None = None
+        chunks = 0
+        usage_tokens: int | None = None
+        async with client.stream("POST", self.url, json=self.body, headers=self.headers) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode(errors="replace")
+                raise RuntimeError(f"HTTP {r.status_code}: {' '.join(text.split())[:300]}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("usage"):
+                    usage_tokens = event["usage"].get("completion_tokens")
+                for choice in event.get("choices") or []:
+                    if choice.get("text"):
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter()
+        end = time.perf_counter()
+        if first is None:
+            raise RuntimeError("the stream ended without any generated text")
+        return RequestStats(first - start, end - start, usage_tokens or chunks)
+
+    async def level(self, concurrency: int) -> LevelStats:
+        limits = httpx.Limits(max_connections=concurrency + 4)
+        async with httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False) as c:
+            start = time.perf_counter()
+            results = await asyncio.gather(
+                *(self.one(c) for _ in range(concurrency)), return_exceptions=True
+            )
+            wall = time.perf_counter() - start
+        stats = LevelStats(concurrency, wall)
+        for res in results:
+            if isinstance(res, RequestStats):
+                stats.requests.append(res)
+            else:
+                stats.errors.append(f"{type(res).__name__}: {res}")
+        return stats
+
+    def run(self, levels: list[int], warmup: bool = True) -> list[LevelStats]:
+        async def go() -> list[LevelStats]:
+            if warmup:
+                await self.level(1)  # first request pays for graph capture and caches
+            return [await self.level(c) for c in levels]
+
+        return asyncio.run(go())
+
+
+def v1_url(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else base + "/v1"
+
+
+def root_url(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def served_models(base_url: str, api_key: str | None, timeout_s: float = 30.0) -> list[str]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(v1_url(base_url) + "/models", headers=headers, timeout=timeout_s, trust_env=False)
+    if r.status_code != 200:
+        raise RuntimeError(
+            f"{v1_url(base_url)}/models answered HTTP {r.status_code}: {r.text[:200]}"
+        )
+    return [m["id"] for m in r.json().get("data", [])]
+
+
+def scrape_metrics(base_url: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """What vLLM's /metrics says about memory: KV cache capacity and dtype; {} if absent."""
+    try:
+        r = httpx.get(root_url(base_url) + "/metrics", timeout=timeout_s, trust_env=False)
+    except httpx.HTTPError:
+        return {}
+    if r.status_code != 200:
+        return {}
+    return parse_metrics(r.text)
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            labels = dict(
+                (k, v.strip('"'))
+                for k, _, v in (
+                    p.partition("=")
+                    for p in _split_labels(line[line.index("{") + 1 : line.rindex("}")])
+                )
+            )
+            try:
+                blocks, size = int(labels["num_gpu_blocks"]), int(labels["block_size"])
+                out["kv_cache_tokens"] = blocks * size
+            except (KeyError, ValueError):
+                pass
+            out["kv_cache_dtype"] = labels.get("cache_dtype")
+            if labels.get("gpu_memory_utilization"):
+                out["gpu_memory_utilization"] = float(labels["gpu_memory_utilization"])
+        elif line.startswith("process_resident_memory_bytes "):
+            out["server_rss_bytes"] = int(float(line.split()[1]))
+    return out
+
+
+def _split_labels(text: str) -> list[str]:
+    parts, cur, quoted = [], "", False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    return parts
