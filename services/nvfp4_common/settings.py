@@ -202,10 +202,6 @@ class Settings(BaseSettings):
         return f"{self.worker_id}-{os.getpid()}"
 
 
-        password = urlparse(self.redis_url).password
-        return SecretStr(password) if password else None
-
-
 @lru_cache
 def get_settings(**overrides: Any) -> Settings:
     """The process-wide settings, built on first use."""

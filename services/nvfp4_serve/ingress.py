@@ -1,0 +1,114 @@
+"""Ray Serve LLM's OpenAI ingress, plus API keys and health routes.
+
+Ray builds the FastAPI app with the OpenAI routes (models, completions, chat,
+streaming) and hands it to the replica wrapper through `_set_asgi_app`; we add our
+routes and the key check to that app there, before its lifespan starts. Everything
+else is Ray's own code. Ray 2.60's ingress builder routes only its fixed endpoint
+map, so this hook is where extra routes can go without rebuilding the app; it is
+checked by tests/integration/test_serve.py against the installed Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.openai_api_models import CompletionRequest
+from starlette.exceptions import HTTPException
+
+from nvfp4_common.settings import get_settings
+from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, require_keys
+from nvfp4_serve.health import Readiness
+
+logger = logging.getLogger(__name__)
+
+
+async def _openai_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """HTTPExceptions (unknown model, unknown route) in OpenAI's error shape.
+
+    Ray's handlers already answer engine and validation errors this way; FastAPI's
+    default would answer {"detail": ...}, which OpenAI clients do not parse.
+    """
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, exc.status_code)
+    return JSONResponse(
+        {
+            "error": {
+                "message": str(exc.detail),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        },
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+class NVFP4Ingress(OpenAiIngress):
+    # Ray Serve awaits async constructors; one is needed to start the readiness task.
+    async def __init__(  # type: ignore[misc]
+        self,
+        llm_deployments: dict[str, Any],
+        model_cards: dict[str, Any],
+        *,
+        lora_paths: dict[str, str] | None = None,
+        api_key_file: str | None = None,
+        readiness_prompt: str = "Hello",
+    ) -> None:
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        # Keys are read here, in the replica, from its own environment and mounts:
+        # passing them as init args would store them in Ray's GCS and dashboard.
+        settings = get_settings()
+        self._keys = KeyStore(
+            (k.get_secret_value() for k in settings.serve_api_keys),
+            Path(api_key_file) if api_key_file else None,
+        )
+        require_keys(self._keys, settings.env)
+        self._enforce_keys = self._keys.configured or settings.env == "production"
+        self._probe_model = next(iter(model_cards))
+        self._probe_prompt = readiness_prompt
+        self.readiness = Readiness(self._generate_one_token)
+        self.readiness.start()
+
+    async def _generate_one_token(self) -> str:
+        body = CompletionRequest(
+            model=self._probe_model, prompt=self._probe_prompt, max_tokens=1, stream=False
+        )
+        async for response in self._get_response(body=body, call_method="completions"):
+            data = response.model_dump() if hasattr(response, "model_dump") else response
+            if isinstance(data, list):  # batched stream chunks
+                data = data[0].model_dump()
+            if "error" in data and data["error"]:
+                raise RuntimeError(str(data["error"]))
+            usage = data.get("usage") or {}
+            if usage.get("completion_tokens", 0) < 1:
+                raise RuntimeError(f"engine returned no token: {data}")
+            return str(data["choices"][0]["text"])
+        raise RuntimeError("engine returned nothing")
+
+    async def _healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    async def _readyz(self) -> JSONResponse:
+        code, body = self.readiness.status()
+        return JSONResponse(body, status_code=code)
+
+    def _set_asgi_app(self, app: Any) -> None:
+        if isinstance(app, FastAPI):
+            app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
+            app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
+            app.add_exception_handler(HTTPException, _openai_http_error)
+            # Added last, so it is the outermost layer: a request without a valid key
+            # reaches none of Ray's handlers.
+            app.add_middleware(ApiKeyMiddleware, store=self._keys, enforce=self._enforce_keys)
+            logger.info(
+                "ingress: %d API key(s), keys %s; /healthz and /readyz open",
+                self._keys.count(),
+                "required" if self._enforce_keys else "NOT required (development)",
+            )
+        super()._set_asgi_app(app)

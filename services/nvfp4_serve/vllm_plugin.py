@@ -1,0 +1,116 @@
+"""vLLM general plugin: serve ModelOpt NVFP4 checkpoints with vLLM's CPU build.
+
+vLLM 0.32 registers no NVFP4 linear kernel for the CPU platform, so loading fails
+with "Failed to find a kernel that can implement the NVFP4 linear layer". vLLM does
+ship a pure-torch `EmulationNvFp4LinearKernel`; we register it for CPU, behind a
+subclass that unpacks each FP4 weight once at load instead of on every forward
+pass (the stock kernel's cost; about 10x slower). Activations are still
+quantize-dequantized to NVFP4 per call, exactly as the stock kernel does, so
+outputs are bit-identical (checked by `python -m nvfp4_serve.kernel_check`).
+
+Never a silent BF16 fallback: the layers keep their packed uint8 weights and
+scales, and vLLM logs the chosen kernel ("Using CachedEmulationNvFp4LinearKernel
+for NVFP4 GEMM"); `LOADED` counts the layers this process set up.
+
+Loaded by vLLM in every engine process through the `vllm.general_plugins` entry
+point (pyproject.toml); `register` must be idempotent and cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+# A child of vLLM's logger, so lines appear in vLLM's format wherever it logs.
+logger = logging.getLogger("vllm.nvfp4_serve")
+
+LOADED = {"cached": 0, "stock": 0}
+_registered = False
+
+
+def _kernel_classes() -> tuple[type, type]:
+    import torch
+    from vllm.model_executor.kernels.linear.nvfp4.emulation import EmulationNvFp4LinearKernel
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import (
+        dequantize_to_dtype,
+        ref_nvfp4_quant_dequant,
+    )
+
+    class CachedEmulationNvFp4LinearKernel(EmulationNvFp4LinearKernel):
+        """The stock emulation kernel with the weight dequantized once, at load."""
+
+        def process_weights_after_loading(self, layer: Any) -> None:
+            super().process_weights_after_loading(layer)
+            dtype = getattr(layer, "params_dtype", torch.bfloat16)
+            # The same call the stock kernel makes per forward pass, made once.
+            w_dq = dequantize_to_dtype(
+                layer.weight.data.view(torch.uint8),
+                layer.weight_scale.data,
+                layer.weight_global_scale,
+                dtype,
+                16,
+                swizzle=False,
+            )
+            layer.register_buffer("nvfp4_dequant_weight_t", w_dq.t(), persistent=False)
+            LOADED["cached"] += 1
+            if LOADED["cached"] == 1:
+                logger.info(
+                    "nvfp4_serve: NVFP4 weights unpacked once at load (packed %s %s kept)",
+                    layer.weight.dtype,
+                    tuple(layer.weight.shape),
+                )
+
+        def apply_weights(
+            self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            w_t = layer.nvfp4_dequant_weight_t
+            if x.dtype != w_t.dtype:  # only if activations change dtype after load
+                return super().apply_weights(layer, x, bias)
+            x_dq = ref_nvfp4_quant_dequant(x, layer.input_global_scale_inv, block_size=16)
+            out = torch.matmul(x_dq, w_t)
+            return out + bias if bias is not None else out
+
+    class CountingEmulationNvFp4LinearKernel(EmulationNvFp4LinearKernel):
+        """vLLM's stock kernel, counted (used when the cache is turned off)."""
+
+        def process_weights_after_loading(self, layer: Any) -> None:
+            super().process_weights_after_loading(layer)
+            LOADED["stock"] += 1
+
+    return CachedEmulationNvFp4LinearKernel, CountingEmulationNvFp4LinearKernel
+
+
+def register() -> None:
+    """Entry point: make NVFP4 linear layers loadable on vLLM's CPU platform."""
+    global _registered
+    if _registered:
+        return
+    from vllm.platforms import PlatformEnum, current_platform
+
+    if not current_platform.is_cpu():
+        return  # GPUs have real NVFP4 kernels (Marlin, CUTLASS)
+    from vllm.model_executor.kernels.linear import register_linear_kernel
+
+    from nvfp4_common.settings import get_settings
+
+    cached, stock = _kernel_classes()
+    if get_settings().serve_cpu_weight_cache:
+        register_linear_kernel(cached, PlatformEnum.CPU, "nvfp4")
+    # The stock kernel comes second: reached only when the first is disabled
+    # (VLLM_DISABLED_KERNELS=CachedEmulationNvFp4LinearKernel) or turned off.
+    register_linear_kernel(stock, PlatformEnum.CPU, "nvfp4")
+    _registered = True
+    logger.info("nvfp4_serve: NVFP4 emulation kernels registered for CPU")
+
+
+def kernel_report(model: Any) -> dict[str, Any]:
+    """Per-kernel count of NVFP4 linear layers in a loaded vLLM model."""
+    kinds: dict[str, int] = {}
+    packed = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "kernel", None)
+        if kernel is None or not hasattr(module, "weight_global_scale"):
+            continue
+        kinds[type(kernel).__name__] = kinds.get(type(kernel).__name__, 0) + 1
+        packed += int(str(module.weight.dtype) == "torch.uint8")
+    return {"kernels": kinds, "packed_uint8_layers": packed}

@@ -1,0 +1,45 @@
+"""`make demo` end to end: the demo script with a tiny model, on real Redis, Ray Serve,
+vLLM (CPU build) and a worker process; everything it started is stopped at the end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.serve_harness import serve_env_available
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(1500)]
+
+
+def test_demo_quantizes_deploys_answers_and_cleans_up(tmp_path: Path) -> None:
+    if not serve_env_available():
+        pytest.fail(".venv-serve is missing: run `make install-serve`")
+    run = subprocess.run(
+        [sys.executable, "scripts/demo.py", "--tiny", "--models-dir", str(tmp_path / "models"),
+         "--results-dir", str(tmp_path / "results")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1400,
+    )  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-6000:]
+    # Each step of the story happened, in order.
+    steps = [
+        "serving the BF16 model",
+        "succeeded: ",
+        "switching / to",
+        "Q: What is the capital of France?",
+        "## Calibration",  # the model card
+        "BF16 vs NVFP4 on this machine",
+        "stopping everything",
+        "local stack stopped",
+    ]
+    positions = [out.find(s) for s in steps]
+    assert all(p >= 0 for p in positions), dict(zip(steps, positions, strict=True))
+    assert positions == sorted(positions)
+    assert (tmp_path / "models" / "tiny-qwen3-NVFP4" / "hf_quant_config.json").exists()
+    assert (tmp_path / "results" / "demo-nvfp4.json").exists()
+    assert not (ROOT / ".run" / "stack.json").exists()

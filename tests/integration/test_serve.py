@@ -1,0 +1,277 @@
+"""The serving app for real: Ray Serve + vLLM's CPU build serving an NVFP4 checkpoint
+made by the worker's quantization code, driven with the official `openai` client.
+
+The app is started once for the module (about a minute on 2 cores, more on a busy
+machine) from .venv-serve on free ports; tests that need no server run first, so
+only one heavy process runs at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.serve_harness import SERVE_PYTHON, ServeCluster, make_test_models, serve_env_available
+
+pytestmark = [
+    pytest.mark.serve,
+    pytest.mark.skipif(not serve_env_available(), reason="needs .venv-serve (make install-serve)"),
+]
+
+API_KEY = "sk-test-3f9a"
+MODEL = "tiny-nvfp4"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_test_models(tmp_path_factory.mktemp("serve-models"))
+
+
+@pytest.fixture(scope="module")
+def cluster(models: tuple[Path, Path]) -> Iterator[ServeCluster]:
+    _, nvfp4 = models
+    c = ServeCluster(
+        app_args={
+            "model": str(nvfp4),
+            "model_name": MODEL,
+            "accelerator": "cpu",
+            # 8192 asked, the model allows 1024: the app clamps instead of failing.
+            "max_model_len": 8192,
+            "engine_kwargs": {"enforce_eager": True},
+        },
+        env={"NVFP4_ENV": "development", "NVFP4_SERVE_API_KEYS": json.dumps([API_KEY])},
+    )
+    # Generous: on a busy 2-core machine, start-up alone has taken over 7 minutes.
+    c.start(timeout_s=600)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def client(cluster: ServeCluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=API_KEY, timeout=120)
+
+
+# --- without a server ----------------------------------------------------------------
+
+
+def test_cpu_kernel_is_nvfp4_and_matches_vllms_stock_kernel(models: tuple[Path, Path]) -> None:
+    """Loaded layers stay packed NVFP4 on our kernel; unpacking once at load gives the
+    same tokens and log-probabilities as vLLM's stock emulation kernel."""
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine, so layers can be read
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+    }
+    out = subprocess.run(
+        [str(SERVE_PYTHON), "-m", "nvfp4_serve.kernel_check", str(models[1])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["load_report"] == {
+        "kernels": {"CachedEmulationNvFp4LinearKernel": 8},  # 2 layers x (qkv, o, gate_up, down)
+        "packed_uint8_layers": 8,
+    }
+    assert result["identical_tokens"] and result["identical_logprobs"]
+
+
+def test_production_refuses_to_build_without_keys(models: tuple[Path, Path]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVFP4_")}
+    env["NVFP4_ENV"] = "production"
+    env["NVFP4_REDIS_URL"] = "redis://:pw@redis:6379/0"
+    code = "from nvfp4_serve.app import build_app; build_app({'model': %r, 'accelerator': 'cpu'})"
+    out = subprocess.run(
+        [str(SERVE_PYTHON), "-c", code % str(models[1])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode != 0
+    assert "production serving needs API keys" in out.stderr
+
+
+# --- against the running app -----------------------------------------------------------
+
+
+def test_readiness_waited_for_a_real_generation(cluster: ServeCluster) -> None:
+    # While the engine loaded, the ingress was up (/healthz 200) but not ready (503).
+    seen = cluster.probe_history
+    assert any(code == 503 and "starting" in body for code, body in seen), seen[:5]
+    assert httpx.get(f"{cluster.base_url}/healthz").json() == {"status": "alive"}
+    ready = httpx.get(f"{cluster.base_url}/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_models_lists_the_served_name_with_clamped_context(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["metadata"]["max_request_context_length"] == 1024
+
+
+def test_completion_and_chat(client: openai.OpenAI) -> None:
+    done = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5)
+    assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens >= 1
+
+
+def test_streaming_completion_and_chat(client: openai.OpenAI) -> None:
+    stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=6, stream=True)
+    chunks = [c for c in stream if c.choices]
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text
+
+
+def test_api_keys_are_required(cluster: ServeCluster) -> None:
+    for key in ("wrong-key", API_KEY + "x"):
+        bad = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=key)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    r = httpx.post(f"{cluster.base_url}/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert set(r.json()["error"]) >= {"message", "type", "code"}
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": ', 400),  # malformed JSON
+    ("/v1/chat/completions", json.dumps({"model": MODEL}).encode(), 400),  # no messages
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 0}).encode(), 400),
+    (
+        "/v1/chat/completions",
+        json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "max_tokens": -3}
+        ).encode(),
+        400,
+    ),
+    (
+        "/v1/completions",
+        json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 5000}).encode(),
+        400,
+    ),  # beyond the 1024-token context
+    ("/v1/completions", json.dumps({"model": "no-such-model", "prompt": "a"}).encode(), 404),
+    (
+        "/v1/completions",
+        json.dumps({"model": MODEL, "prompt": "word " * 3000, "max_tokens": 2}).encode(),
+        400,
+    ),  # oversized prompt
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), BAD_REQUESTS)
+def test_bad_input_gets_an_openai_error_and_the_replica_keeps_serving(
+    cluster: ServeCluster, client: openai.OpenAI, path: str, body: bytes, status: int
+) -> None:
+    r = httpx.post(
+        cluster.base_url + path,
+        content=body,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["code"]
+    ok = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_sixteen_concurrent_streams_all_complete(client: openai.OpenAI) -> None:
+    results: dict[int, tuple[int, str | None, int]] = {}
+
+    def stream(i: int) -> None:
+        usage, finish, chunks = 0, None, 0
+        for chunk in client.completions.create(
+            model=MODEL,
+            prompt=f"Story {i}:",
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},  # random weights may emit EOS at once
+        ):
+            if chunk.choices:
+                chunks += 1
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:  # Ray Serve may pack several tokens into one chunk
+                usage = chunk.usage.completion_tokens
+        results[i] = (usage, finish, chunks)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(results) == 16
+    assert all(u == 16 and f == "length" and c >= 1 for u, f, c in results.values()), results
+
+
+def test_engine_ran_on_the_nvfp4_kernel(cluster: ServeCluster) -> None:
+    logs = cluster.logs_text("*.*")
+    assert "quantization=modelopt_fp4" in logs
+    assert "Using CachedEmulationNvFp4LinearKernel for NVFP4 GEMM" in logs
+
+
+def test_prometheus_metrics_from_serve_and_vllm(
+    cluster: ServeCluster, client: openai.OpenAI
+) -> None:
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    deadline = time.monotonic() + 60  # Ray exports on an interval
+    names: set[str] = set()
+    while time.monotonic() < deadline:
+        text = httpx.get(cluster.metrics_url, timeout=10).text  # no API key needed
+        names = {line.split("{")[0] for line in text.splitlines() if not line.startswith("#")}
+        if any(n.startswith("ray_serve_num_http_requests") for n in names) and any(
+            n.startswith("ray_vllm_") for n in names
+        ):
+            break
+        time.sleep(3)
+    assert any(n.startswith("ray_serve_num_http_requests") for n in names), sorted(names)[:50]
+    assert any(n.startswith("ray_vllm_") for n in names), sorted(names)[:50]
+
+
+def test_killed_replica_is_replaced_and_service_resumes(
+    cluster: ServeCluster, client: openai.OpenAI
+) -> None:
+    # Last in the file: it costs a full engine restart.
+    (pid,) = cluster.replica_pids("LLMServer")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    new: list[int] = []
+    while time.monotonic() < deadline:
+        new = [p for p in cluster.replica_pids("LLMServer") if p != pid]
+        if new:
+            break
+        time.sleep(2)
+    assert new, "Ray did not start a new replica"
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            done = client.completions.create(model=MODEL, prompt="Back?", max_tokens=3)
+            assert done.usage.completion_tokens == 3
+            return
+        except openai.APIError as e:
+            last = e
+            time.sleep(3)
+    pytest.fail(f"service did not resume: {last}")
