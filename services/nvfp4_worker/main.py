@@ -88,7 +88,7 @@ class Worker:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.settings.heartbeat_interval_s
                     self.queue.beat_worker(self.id, self.host, os.getpid(), job.id)
-                    if not self.queue.heartbeat(job, self.id):
+                    if not self.queue.heartbeat(job, self.id) and not self._ending(job):
                         log.warning(
                             "job %s: this attempt no longer owns the job; stopping it", job.id
                         )
@@ -109,6 +109,11 @@ class Worker:
                 log.info("job %s re-queued for another worker", job.id)
                 return
         self._after_exit(job, code)
+
+    def _ending(self, job: Job) -> bool:
+        """True when the job process itself just recorded the outcome and is exiting."""
+        current = self.queue.get(job.id)
+        return current.state.ended and current.worker_id == self.id
 
     def _after_exit(self, job: Job, code: int) -> None:
         if code == 0:
