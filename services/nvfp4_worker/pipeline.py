@@ -1,0 +1,289 @@
+"""One quantization job from start to finish: `run(spec, settings, reporter, job_id)`.
+
+validate (no weights read) -> load -> evaluate the original -> calibrate + quantize ->
+evaluate the quantized model -> export into a temp folder -> model card + report.json ->
+rename into models_dir. Every bad input raises JobError with one line before anything is
+visible in models_dir; the temp folder is removed on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from nvfp4_common.jobs import JobResult, JobSpec, Stage
+from nvfp4_common.settings import Settings
+from nvfp4_worker import (
+    calibration,
+    checkpoint,
+    cpu_ops,
+    evaluate,
+    modelcard,
+    publish,
+    quantize,
+    sources,
+)
+from nvfp4_worker.errors import JobError
+
+if TYPE_CHECKING:  # the reporter module pulls in the Redis client
+    from nvfp4_worker.reporter import Reporter
+
+VERSIONED = ("nvidia-modelopt", "torch", "transformers", "nvfp4-stack")
+
+
+@dataclass
+class _Plan:
+    """Everything checked before weights are loaded."""
+
+    spec: JobSpec
+    job_id: str
+    final: Path
+    source: sources.ModelSource
+    info: checkpoint.SourceInfo
+    calib: sources.CalibSource
+    device: torch.device
+    dtype: torch.dtype
+    estimate_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run(spec: JobSpec, settings: Settings, reporter: Reporter, job_id: str) -> JobResult:
+    """Quantize `spec.model` and publish it to `settings.models_dir/<output name>`."""
+    started = time.monotonic()
+    _check_numbers(spec)
+    final = publish.output_path(settings.models_dir, spec.resolved_output_name())
+    for stale in publish.remove_stale(settings.models_dir, job_id):
+        reporter.log(f"removed stale temp folder {stale.name} of an earlier attempt")
+    previous = publish.existing_report(final, job_id)
+    if previous is not None:
+        reporter.log(f"output {final.name} was already published by this job; reusing it")
+        return _result(previous, final)
+
+    reporter.progress(Stage.LOADING, 0.0, "checking inputs")
+    plan = _plan(spec, settings, job_id, final)
+    reporter.log(
+        f"model {plan.source.path} ({plan.info.model_type}), format {spec.format.value},"
+        f" device {plan.device.type} ({str(plan.dtype).removeprefix('torch.')}),"
+        f" calibration {plan.calib.description}"
+    )
+    staging = publish.staging_dir(settings.models_dir, job_id)
+    try:
+        report = _execute(plan, reporter, staging)
+        reporter.progress(Stage.PUBLISHING, 0.0, f"publishing {final.name}")
+        report["timings_s"]["total"] = round(time.monotonic() - started, 3)
+        _write_outputs(staging, report)
+        publish.publish(staging, final)
+        reporter.progress(Stage.PUBLISHING, 1.0, f"published {final.name}")
+        reporter.log(f"published {final}")
+        return _result(report, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_numbers(spec: JobSpec) -> None:
+    # JobSpec validates these too; a spec built without validation must still not run.
+    if spec.calib_samples <= 0:
+        raise JobError(f"calib_samples must be positive (got {spec.calib_samples})")
+    if spec.calib_seq_len <= 0:
+        raise JobError(f"calib_seq_len must be positive (got {spec.calib_seq_len})")
+    if spec.eval_samples < 0:
+        raise JobError(f"eval_samples must be 0 or more (got {spec.eval_samples})")
+
+
+def _device(settings: Settings) -> torch.device:
+    available = torch.cuda.is_available()
+    if settings.device == "cuda" and not available:
+        raise JobError("NVFP4_DEVICE=cuda but no CUDA device is available")
+    if settings.device != "cpu" and available:
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
+    source = sources.resolve_model(spec.model, settings)
+    info = checkpoint.inspect_config(source.path, spec.model)
+    if info.max_positions is not None and spec.calib_seq_len > info.max_positions:
+        raise JobError(
+            f"calib_seq_len {spec.calib_seq_len} is above the model's max_position_embeddings"
+            f" ({info.max_positions})"
+        )
+    calib = sources.resolve_calibration(spec.calib_dataset, settings)
+    estimate = checkpoint.estimate_output_bytes(source.path, spec.format, spec.exclude)
+    publish.check_disk(settings.models_dir, estimate, settings.min_free_disk_gb)
+    device = _device(settings)
+    if device.type == "cpu":
+        cpu_ops.install()  # ModelOpt's NVFP4 fake quantization is CUDA-only
+        dtype = getattr(torch, settings.cpu_dtype)
+    else:
+        dtype = torch.bfloat16
+        torch.cuda.reset_peak_memory_stats(device)
+    return _Plan(spec, job_id, final, source, info, calib, device, dtype, estimate)
+
+
+def _load(plan: _Plan) -> tuple[Any, torch.nn.Module]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(plan.source.path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise JobError(f"model {plan.spec.model}: tokenizer cannot be loaded ({exc})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            plan.source.path, dtype=plan.dtype, trust_remote_code=False
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise JobError(f"model {plan.spec.model}: weights cannot be loaded ({first})") from None
+    model = model.to(plan.device)  # type: ignore[arg-type]  # transformers' stub wants a dtype
+    return tokenizer, model.eval()
+
+
+def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
+    spec, device, timings = plan.spec, plan.device, plan.timings
+
+    def timed(key: str, t0: float) -> None:
+        timings[key] = round(time.monotonic() - t0, 3)
+
+    t = time.monotonic()
+    reporter.progress(Stage.LOADING, 0.2, "loading tokenizer and weights")
+    tokenizer, model = _load(plan)
+    reporter.progress(Stage.LOADING, 0.8, "tokenizing calibration data")
+    windows = calibration.build_windows(
+        tokenizer, plan.calib, spec.calib_samples, spec.eval_samples, spec.calib_seq_len
+    )
+    if windows.held_out.shape[0] < spec.eval_samples:
+        reporter.log(f"only {windows.held_out.shape[0]} held-out windows for evaluation")
+    reporter.progress(Stage.LOADING, 1.0, "loaded")
+    timed("load", t)
+
+    t = time.monotonic()
+    reporter.progress(Stage.EVALUATING, 0.0, "evaluating the original model")
+    ppl_base = evaluate.perplexity(
+        model, windows.held_out, device, _each(reporter, Stage.EVALUATING, "original", 0.9)
+    )
+    gen_base = evaluate.generate(model, tokenizer, device)
+    timed("evaluate_original", t)
+
+    t = time.monotonic()
+    cfg = quantize.build_config(spec.format, spec.exclude)
+    loop = calibration.make_forward_loop(
+        windows.calib, device, _each(reporter, Stage.CALIBRATING, "calibration batch", 1.0)
+    )
+    reporter.progress(Stage.CALIBRATING, 0.0, f"calibrating on {spec.calib_samples} samples")
+    model = quantize.quantize(model, cfg, loop)
+    if quantize.quantized_layer_count(model) == 0:
+        raise JobError("the exclude patterns leave no layer to quantize")
+    timed("calibrate", t)
+
+    t = time.monotonic()
+    reporter.progress(Stage.EVALUATING, 0.0, "evaluating the quantized model")
+    with evaluate.quantized_weights(model) as errors:
+        ppl_quant = evaluate.perplexity(
+            model, windows.held_out, device, _each(reporter, Stage.EVALUATING, "quantized", 0.8)
+        )
+        gen_quant = evaluate.generate(model, tokenizer, device)
+    timed("evaluate_quantized", t)
+    change = evaluate.change_pct(ppl_base, ppl_quant)
+    if ppl_base is not None:
+        reporter.log(f"perplexity {ppl_base:.3f} -> {ppl_quant:.3f} ({change:+.2f}%)")
+
+    t = time.monotonic()
+    reporter.progress(Stage.EXPORTING, 0.0, "exporting the checkpoint")
+    quant_config = quantize.export(model, tokenizer, staging)
+    reporter.progress(Stage.EXPORTING, 1.0, "exported")
+    timed("export", t)
+
+    output_bytes = publish.dir_bytes(staging)
+    summary = evaluate.summary(errors)
+    return {
+        "job_id": plan.job_id,
+        "output_name": plan.final.name,
+        "base_model": spec.model,
+        "source_path": str(plan.source.path),
+        "format": spec.format.value,
+        "quant_algo": quant_config["quantization"].get("quant_algo"),
+        "kv_cache_quant_algo": quant_config["quantization"].get("kv_cache_quant_algo"),
+        "excluded_modules": quant_config["quantization"].get("exclude_modules", []),
+        "exclude_patterns": list(spec.exclude),
+        "device": device.type,
+        "compute_dtype": str(plan.dtype).removeprefix("torch."),
+        "calibration": {
+            "data": plan.calib.description,
+            "samples": spec.calib_samples,
+            "seq_len": spec.calib_seq_len,
+            "tokens": int(windows.calib.numel()),
+        },
+        "evaluation": {
+            "held_out_samples": int(windows.held_out.shape[0]),
+            "perplexity_base": ppl_base,
+            "perplexity_quant": ppl_quant,
+            "perplexity_change_pct": change,
+            "weight_error": summary,
+            "generations": [
+                {"prompt": b["prompt"], "base": b["completion"], "quantized": q["completion"]}
+                for b, q in zip(gen_base, gen_quant, strict=True)
+            ],
+        },
+        "size": {
+            "source_bytes": plan.info.source_bytes,
+            "output_bytes": output_bytes,
+            "estimated_output_bytes": plan.estimate_bytes,
+            "reduction_pct": (1 - output_bytes / plan.info.source_bytes) * 100
+            if plan.info.source_bytes
+            else None,
+        },
+        "timings_s": timings,
+        "memory": {
+            "peak_rss_bytes": evaluate.peak_rss_bytes(),
+            "peak_gpu_bytes": evaluate.peak_gpu_bytes(device),
+        },
+        "versions": _versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _each(reporter: Reporter, stage: Stage, what: str, scale: float) -> Any:
+    def on_batch(k: int, n: int) -> None:
+        reporter.progress(stage, scale * k / n, f"{what} {k}/{n}")
+
+    return on_batch
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            out[dist.removeprefix("nvidia-")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def _write_outputs(staging: Path, report: dict[str, Any]) -> None:
+    (staging / publish.REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    (staging / "README.md").write_text(modelcard.render(report))
+
+
+def _result(report: dict[str, Any], final: Path) -> JobResult:
+    ev, size = report["evaluation"], report["size"]
+    return JobResult(
+        output_name=final.name,
+        output_path=str(final),
+        source_bytes=size["source_bytes"],
+        output_bytes=size["output_bytes"],
+        perplexity_base=ev.get("perplexity_base"),
+        perplexity_quant=ev.get("perplexity_quant"),
+        perplexity_change_pct=ev.get("perplexity_change_pct"),
+        duration_s=report["timings_s"].get("total", 0.0),
+    )

@@ -1,0 +1,61 @@
+"""Helpers of the GPU tests: the small model's shape, the CUDA skip, the pipeline call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+SMALL_SHAPE: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 16384,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+
+def cuda_available() -> bool:
+    return bool(torch.cuda.is_available())
+
+
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")]
+
+
+def quantize(source: Path, calib: Path, models_dir: Path, device: str, name: str) -> Path:
+    """The worker's pipeline, exactly as a job runs it."""
+    from nvfp4_common.jobs import JobSpec, QuantFormat
+    from nvfp4_common.settings import Settings
+    from nvfp4_worker.pipeline import run
+    from nvfp4_worker.reporter import PrintReporter
+
+    settings = Settings(
+        models_dir=models_dir,
+        model_roots=[source.parent],
+        device=device,
+        hf_offline=True,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    spec = JobSpec(
+        model=str(source),
+        format=QuantFormat.NVFP4,
+        calib_dataset=str(calib),
+        calib_samples=8,
+        calib_seq_len=256,
+        eval_samples=2,
+        output_name=name,
+    )
+    return Path(run(spec, settings, PrintReporter(), job_id=f"gpu-test-{name}").output_path)
+
+
+def report(checkpoint: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((checkpoint / "report.json").read_text())
+    return data

@@ -1,0 +1,226 @@
+"""The quantization pipeline end to end with real ModelOpt on CPU, without the queue.
+
+A tiny random Qwen3 covers the plumbing (formats, export layout, atomic publication, bad
+input); SmolLM2-135M (marked slow) covers quality.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from nvfp4_common.jobs import JobSpec, QuantFormat
+from nvfp4_common.settings import Settings
+from nvfp4_worker import pipeline
+from nvfp4_worker.errors import JobError
+from nvfp4_worker.reporter import PrintReporter
+from tests.fixtures import models, text
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    src = root / "src"
+    tiny = models.make_tiny_qwen3(src / "tiny-qwen3")
+    calib = text.write_text_file(src / "data" / "plays.txt", 120_000)
+    return {"root": root, "src": src, "tiny": tiny, "calib": calib}
+
+
+@pytest.fixture
+def settings(workspace: dict[str, Path], tmp_path: Path) -> Settings:
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    return Settings(
+        models_dir=models_dir,
+        model_roots=[workspace["src"], models.SMOLLM2_CACHE.parent],
+        hf_cache_dir=tmp_path / "hub",
+        hf_offline=True,
+        device="cpu",
+        min_free_disk_gb=0.01,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+def tiny_spec(workspace: dict[str, Path], **overrides: object) -> JobSpec:
+    values: dict[str, object] = {
+        "model": str(workspace["tiny"]),
+        "calib_dataset": str(workspace["calib"]),
+        "calib_samples": 8,
+        "calib_seq_len": 128,
+        "eval_samples": 4,
+        "output_name": "tiny-out",
+    }
+    values.update(overrides)
+    return JobSpec(**values)  # type: ignore[arg-type]
+
+
+def tensors(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                s = f.get_slice(key)
+                out[key] = (s.get_dtype(), s.get_shape())
+    return out
+
+
+def test_nvfp4_export_report_card_and_retry(settings: Settings, workspace: dict[str, Path]) -> None:
+    stale = settings.models_dir / ".tmp-job-a-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    spec = tiny_spec(workspace, exclude=["layers.1.mlp.down_proj"])
+
+    result = pipeline.run(spec, settings, PrintReporter(), "job-a")
+
+    out = settings.models_dir / "tiny-out"
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == ["tiny-out"]  # stale gone
+    assert result.output_path == str(out.resolve())
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "NVFP4" and quant["group_size"] == 16
+    assert "lm_head" in quant["exclude_modules"]
+    assert "model.layers.1.mlp.down_proj" in quant["exclude_modules"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    t = tensors(out)
+    proj = "model.layers.0.self_attn.q_proj"
+    assert t[f"{proj}.weight"] == ("U8", [128, 32])  # two E2M1 values per byte
+    assert t[f"{proj}.weight_scale"] == ("F8_E4M3", [128, 4])  # one scale per 16 values
+    assert t[f"{proj}.weight_scale_2"][0] == "F32"
+    assert t[f"{proj}.input_scale"][0] == "F32"
+    assert t["lm_head.weight"][0] == "BF16"
+    assert t["model.layers.1.mlp.down_proj.weight"][0] == "BF16"
+    for name in ("tokenizer.json", "generation_config.json", "README.md", "report.json"):
+        assert (out / name).is_file(), name
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["job_id"] == "job-a"
+    ev = report["evaluation"]
+    assert ev["held_out_samples"] == 4
+    assert math.isfinite(ev["perplexity_base"]) and math.isfinite(ev["perplexity_quant"])
+    assert 0.07 < ev["weight_error"]["mean"] < 0.12  # NVFP4 is about 0.095
+    assert ev["weight_error"]["layers"] == 13  # 14 linear layers minus the excluded one
+    assert len(ev["generations"]) == 3
+    assert report["size"]["output_bytes"] < report["size"]["source_bytes"]
+    assert report["memory"]["peak_rss_bytes"] > 0
+    assert {"modelopt", "torch", "transformers"} <= set(report["versions"])
+    card = (out / "README.md").read_text()
+    for needle in ("E2M1", "blocks of 16", "FP8 E4M3", "--quantization modelopt", "job-a"):
+        assert needle in card
+
+    # A retry of the same job after publication returns the published result.
+    again = pipeline.run(spec, settings, PrintReporter(), "job-a")
+    assert again == result
+    # Another job may not take the name.
+    with pytest.raises(JobError, match="output tiny-out already exists"):
+        pipeline.run(spec, settings, PrintReporter(), "job-b")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "algo", "kv", "weight_dtype"),
+    [
+        (QuantFormat.FP8, "FP8", None, "F8_E4M3"),
+        (QuantFormat.NVFP4_FP8_KV, "NVFP4", "FP8", "U8"),
+    ],
+)
+def test_other_formats(
+    settings: Settings,
+    workspace: dict[str, Path],
+    fmt: QuantFormat,
+    algo: str,
+    kv: str | None,
+    weight_dtype: str,
+) -> None:
+    spec = tiny_spec(workspace, format=fmt, eval_samples=0, output_name=None)
+    result = pipeline.run(spec, settings, PrintReporter(), f"job-{fmt.value}")
+    out = Path(result.output_path)
+    assert out.name == f"tiny-qwen3-{fmt.value.upper()}"
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == algo and quant["kv_cache_quant_algo"] == kv
+    t = tensors(out)
+    assert t["model.layers.0.mlp.up_proj.weight"][0] == weight_dtype
+    if kv:
+        assert t["model.layers.0.self_attn.k_proj.k_scale"][0] == "F32"
+    assert result.perplexity_base is None  # eval_samples 0 skips perplexity
+
+
+def _bad_model(folder: Path, model_type: str, architecture: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config: dict[str, object] = {"model_type": model_type}
+    if architecture:
+        config["architectures"] = [architecture]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+BAD_INPUTS = {
+    "missing model": ({"model": "{src}/no-such-model"}, "does not exist"),
+    "not causal": ({"model": "{src}/bert"}, "not a causal language model"),
+    "unknown arch": ({"model": "{src}/frob"}, "unsupported architecture 'frobnicator'"),
+    "missing file": ({"calib_dataset": "{src}/data/none.txt"}, "does not exist"),
+    "hub offline": ({"calib_dataset": "some-org/some-data"}, "NVFP4_HF_OFFLINE"),
+    "zero samples": ({"calib_samples": 0}, "calib_samples must be positive"),
+    "too long": ({"calib_seq_len": 4096}, "max_position_embeddings"),
+    "escape": ({"output_name": "../evil"}, "escapes the models folder"),
+    "little text": ({"calib_dataset": "{src}/data/short.txt"}, "tokens"),
+    "exclude all": ({"exclude": ["layers"]}, "no layer to quantize"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_leaves_nothing(
+    settings: Settings, workspace: dict[str, Path], case: str
+) -> None:
+    src = workspace["src"]
+    _bad_model(src / "bert", "bert", "BertForMaskedLM")
+    _bad_model(src / "frob", "frobnicator")
+    (src / "data" / "short.txt").write_text("Too short.")
+    overrides, message = BAD_INPUTS[case]
+    values = {k: v.format(src=src) if isinstance(v, str) else v for k, v in overrides.items()}
+    # model_copy(update=...) skips JobSpec's validators: the pipeline must refuse on its own.
+    spec = tiny_spec(workspace).model_copy(update=values)
+    with pytest.raises(JobError, match=message) as info:
+        pipeline.run(spec, settings, PrintReporter(), f"job-{case.replace(' ', '-')}")
+    assert "\n" not in str(info.value)
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_existing_output_and_disk_space(settings: Settings, workspace: dict[str, Path]) -> None:
+    (settings.models_dir / "tiny-out").mkdir()
+    with pytest.raises(JobError, match="output tiny-out already exists"):
+        pipeline.run(tiny_spec(workspace), settings, PrintReporter(), "job-x")
+    assert [p.name for p in settings.models_dir.iterdir()] == ["tiny-out"]
+    greedy = settings.model_copy(update={"min_free_disk_gb": 1e9})
+    with pytest.raises(JobError, match="not enough disk space"):
+        pipeline.run(tiny_spec(workspace, output_name="other"), greedy, PrintReporter(), "job-y")
+    assert [p.name for p in settings.models_dir.iterdir()] == ["tiny-out"]
+
+
+@pytest.mark.slow
+def test_smollm2_nvfp4_quality(settings: Settings, tmp_path: Path) -> None:
+    model_dir = models.make_smollm2()
+    calib = text.write_text_file(tmp_path / "data" / "plays.txt", 400_000)
+    cfg = settings.model_copy(update={"model_roots": [model_dir.parent, tmp_path / "data"]})
+    spec = JobSpec(
+        model=str(model_dir),
+        calib_dataset=str(calib),
+        calib_samples=32,
+        calib_seq_len=256,
+        eval_samples=8,
+        output_name="smollm2-nvfp4",
+    )
+    result = pipeline.run(spec, cfg, PrintReporter(), "job-smollm2")
+    change = result.perplexity_change_pct
+    assert change is not None and math.isfinite(change)
+    assert 0 < change < 150, change
+    report = json.loads((Path(result.output_path) / "report.json").read_text())
+    assert 0.08 < report["evaluation"]["weight_error"]["mean"] < 0.11
+    first = report["evaluation"]["generations"][0]
+    assert first["prompt"] == "What is the capital of France?"
+    assert "Paris" in first["base"]
+    assert len(first["quantized"].split()) >= 3, first  # still answers in words
+    assert result.output_bytes < 0.6 * result.source_bytes
