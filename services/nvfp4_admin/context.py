@@ -67,7 +67,7 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     different overrides, and a cached object would leak them between invocations.
     """
     try:
-        return Settings(_env_file=config if config else ".env", **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=config if config else ".env", **overrides)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"

@@ -29,9 +29,9 @@ def main(argv: list[str]) -> int:
     reporter.log(f"attempt {job.attempts} of {job.max_attempts} on {worker_id}")
     try:
         # Imported here so the worker loop itself never loads torch.
-        from nvfp4_worker import pipeline
+        from nvfp4_worker.pipeline import run as run_pipeline
 
-        result = pipeline.run(job.spec, settings, reporter, job.id)
+        result = run_pipeline(job.spec, settings, reporter, job.id)
     except JobError as e:
         reporter.log(f"failed: {e}")
         queue.fail(job, worker_id, str(e))

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from nvfp4_common.settings import Settings
 from nvfp4_serve.config import load_args
 
