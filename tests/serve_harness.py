@@ -63,6 +63,8 @@ class ServeCluster:
     env: dict[str, str] = field(default_factory=dict)
     num_cpus: int = 4
     app_name: str = "llm"
+    # Serve config overrides of the app's deployments (e.g. an engine's num_replicas).
+    deployments: list[dict[str, Any]] = field(default_factory=list)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     ports: dict[str, int] = field(default_factory=dict)
     temp_dir: Path | None = None
@@ -182,6 +184,8 @@ class ServeCluster:
                 }
             ],
         }
+        if self.deployments:
+            config["applications"][0]["deployments"] = self.deployments
         path = self.temp_dir / "serve.json"  # JSON is YAML
         path.write_text(json.dumps(config))
         # The dashboard answers /api/version before its Serve module can take a deploy;

@@ -133,9 +133,19 @@ def make_forward_loop(
     chunks = batches(windows, windows.shape[1])
 
     def forward_loop(model: torch.nn.Module) -> None:
+        # Calibration needs the activations of the quantized layers only: logits for the
+        # last position skip most of lm_head (excluded anyway) and a batch x seq x vocab
+        # tensor that would be larger than a small model.
+        extra: dict[str, Any] = {"logits_to_keep": 1}
         with torch.no_grad():
             for k, batch in enumerate(chunks, start=1):
-                model(input_ids=batch.to(device), use_cache=False)
+                try:
+                    model(input_ids=batch.to(device), use_cache=False, **extra)
+                except TypeError:
+                    if not extra:
+                        raise
+                    extra = {}  # a model class without logits_to_keep
+                    model(input_ids=batch.to(device), use_cache=False)
                 on_batch(k, len(chunks))
 
     return forward_loop
