@@ -12,6 +12,7 @@
 #   tests/gpu/run_on_device.sh quantize  # worker pipeline, calibration 512/64/128/256
 #   tests/gpu/run_on_device.sh vllm      # vLLM offline: NVFP4 vs BF16 decode and TTFT
 #   tests/gpu/run_on_device.sh serve     # our endpoint vs vLLM's OpenAI server
+#   tests/gpu/run_on_device.sh scaleout [all|one|two]  # 2+ GPUs: 1 vs 2 replicas (BF16)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -70,8 +71,18 @@ serve)
     python3 bench/gpu_serve.py --model "$NVFP4" --ray-prefix /tmp/site --log-dir "$MODELS" \
         --deadline-s "${DEADLINE_S:-560}" --out "$RESULTS/gpu_serve.json"
     ;;
+scaleout)
+    # BF16: the same engine cost per replica without the quantization minutes. `one`
+    # leaves the Ray cluster running for `two` (the next call on the same machine).
+    site_env
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv
+    test -f "$BF16/config.json" || python3 bench/gpu_model.py --out "$BF16" \
+        | grep -v "Writing model shards"
+    python3 bench/gpu_scaleout.py "${2:-all}" --model "$BF16" --ray-prefix /tmp/site \
+        --state "$MODELS/scaleout_state.json" --out "$RESULTS/gpu_scaleout.json"
+    ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac
