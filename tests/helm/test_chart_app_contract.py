@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -47,7 +48,7 @@ def test_the_rendered_settings_load_into_the_apps_settings(
     settings = settings_from(ray_worker_env(chart.render(values_file=values_file)), monkeypatch)
     assert settings.env == "production"
     assert settings.models_dir == Path("/models")
-    assert settings.redis_password() is not None
+    assert urlparse(settings.redis_url).password  # production refuses a URL without one
     assert settings.serve_api_key_file == Path("/etc/nvfp4/api-keys/api-keys")
     assert settings.workers_mode == "kubernetes"
 
