@@ -3,6 +3,7 @@ vLLM (CPU build) and a worker process; everything it started is stopped at the e
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ def test_demo_quantizes_deploys_answers_and_cleans_up(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "scripts/demo.py", "--tiny", "--models-dir", str(tmp_path / "models"),
          "--results-dir", str(tmp_path / "results")],
-        cwd=ROOT, capture_output=True, text=True, timeout=1400,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1400,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # one stream, in the order it happened
     )  # fmt: skip
-    out = run.stdout + run.stderr
+    out = run.stdout
     assert run.returncode == 0, out[-6000:]
     # Each step of the story happened, in order.
     steps = [
