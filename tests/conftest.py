@@ -119,4 +119,4 @@ def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Offline English text (Project Gutenberg plays) as a .txt calibration file."""
     from tests.fixtures.text import write_text_file
 
-    return write_text_file(tmp_path_factory.mktemp("data") / "calib.txt", max_chars=400_000)
+    return write_text_file(tmp_path_factory.mktemp("data") / "calib.txt", max_chars=1_500_000)

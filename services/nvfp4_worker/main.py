@@ -25,6 +25,7 @@ import redis
 from nvfp4_common.jobs import Job
 from nvfp4_common.queue import JobQueue
 from nvfp4_common.settings import Settings
+from nvfp4_worker.publish import remove_stale
 
 log = logging.getLogger("nvfp4_worker")
 
@@ -96,6 +97,7 @@ class Worker:
                         return
                 if self.queue.cancel_requested(job.id):
                     self._kill(child)
+                    self._remove_partial_output(job)
                     self.queue.mark_cancelled(job, self.id)
                     log.info("job %s cancelled", job.id)
                     return
@@ -105,6 +107,7 @@ class Worker:
                 log.warning("redis unavailable during job %s: %s", job.id, e)
             if self._stopping:
                 self._kill(child)
+                self._remove_partial_output(job)
                 self.queue.requeue_own(job, self.id, "worker shut down; re-queued", refund=True)
                 log.info("job %s re-queued for another worker", job.id)
                 return
@@ -118,6 +121,7 @@ class Worker:
     def _after_exit(self, job: Job, code: int) -> None:
         if code == 0:
             return  # the job process recorded the outcome itself
+        self._remove_partial_output(job)
         if code < 0:
             reason = f"job process killed by {signal.Signals(-code).name}"
             if -code == signal.SIGKILL:
@@ -132,6 +136,12 @@ class Worker:
                 log.error("job %s: %s; no attempts left", job.id, reason)
             return
         self.queue.fail(job, self.id, f"job process exited with code {code}; see the worker log")
+
+    def _remove_partial_output(self, job: Job) -> None:
+        """Delete the temp folder of an attempt that was stopped or died. Done while this
+        worker still owns the attempt, so it never touches another attempt's folder."""
+        for path in remove_stale(self.settings.models_dir, job.id):
+            log.info("job %s: removed partial output %s", job.id, path.name)
 
     def _kill(self, child: subprocess.Popen[bytes]) -> None:
         """SIGTERM the job's process group, then SIGKILL after the grace period."""

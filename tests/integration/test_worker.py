@@ -74,6 +74,12 @@ def wait_for(q: JobQueue, job_id: str, until: Callable[[Job], bool], timeout: fl
     raise AssertionError(f"timed out; job is {q.get(job_id)!r}")
 
 
+def calibrating(q: JobQueue, job_id: str) -> None:
+    """Wait until the job is calibrating; fail at once if it ended instead."""
+    job = wait_for(q, job_id, lambda j: j.progress.stage == Stage.CALIBRATING or ended(j), 120)
+    assert not job.state.ended, f"job ended before calibrating: {job.error}"
+
+
 def ended(job: Job) -> bool:
     return job.state.ended
 
@@ -165,7 +171,7 @@ def test_worker_killed_mid_job_is_retried_and_publishes_once(
     job = q.submit(spec(tiny_model, calib_file, calib_samples=64, output_name="survivor"))
     first = start_worker()
     child = _job_process(first)
-    wait_for(q, job.id, lambda j: j.progress.stage == Stage.CALIBRATING, timeout=120)
+    calibrating(q, job.id)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     child.wait(10)  # the job process dies with its worker
@@ -191,7 +197,7 @@ def test_cancel_stops_a_running_job_promptly_and_frees_its_process(
     job = q.submit(spec(tiny_model, calib_file, calib_samples=2000, calib_seq_len=256))
     worker = start_worker()
     child = _job_process(worker)
-    wait_for(q, job.id, lambda j: j.progress.stage == Stage.CALIBRATING, timeout=120)
+    calibrating(q, job.id)
     asked = time.time()
     assert q.cancel(job.id) == "cancelling"
     done = wait_for(q, job.id, ended, timeout=30)
