@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from pydantic import ValidationError
 
-from nvfp4_admin.output import mask_url
-from nvfp4_common.settings import Settings
+from nvfp4_common.settings import Settings, mask_url
 
 if TYPE_CHECKING:
     from nvfp4_admin.ray_client import RayClient

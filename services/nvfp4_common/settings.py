@@ -11,7 +11,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -200,6 +200,21 @@ class Settings(BaseSettings):
     @property
     def worker_name(self) -> str:
         return f"{self.worker_id}-{os.getpid()}"
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print or log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @lru_cache

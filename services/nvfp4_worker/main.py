@@ -24,7 +24,7 @@ import redis
 
 from nvfp4_common.jobs import Job
 from nvfp4_common.queue import JobQueue
-from nvfp4_common.settings import Settings
+from nvfp4_common.settings import Settings, mask_url
 from nvfp4_worker.publish import remove_stale
 
 log = logging.getLogger("nvfp4_worker")
@@ -47,7 +47,7 @@ class Worker:
 
     def run(self, burst: bool = False) -> None:
         """Work until stopped; with `burst`, return once the queue is empty."""
-        log.info("worker %s started (redis %s)", self.id, _masked(self.settings.redis_url))
+        log.info("worker %s started (redis %s)", self.id, mask_url(self.settings.redis_url))
         backoff = 0.5
         while not self._stopping:
             try:
@@ -166,15 +166,6 @@ def _die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _masked(url: str) -> str:
-    from urllib.parse import urlparse
-
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nvfp4_admin.output import mask_url, parse_duration, table
+from nvfp4_admin.output import parse_duration, table
+from nvfp4_common.settings import mask_url
 
 
 @pytest.mark.parametrize(
