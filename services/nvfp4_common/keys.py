@@ -12,9 +12,11 @@ JOB = PREFIX + "job:"
 # List per job: its most recent log lines (capped at `job_log_lines`).
 JOB_LOG = PREFIX + "log:"
 
-# Sorted set of queued job ids. Score = priority rank * 1e13 + submit time in ms, so
-# the lowest score is the next job: higher priority first, then first come first served.
+# Sorted set of queued job ids. Score = priority rank * 1e13 + submit sequence number,
+# so the lowest score is the next job: higher priority first, then first come first served.
 QUEUE = PREFIX + "queue"
+# Counter giving each submitted job its sequence number.
+SUBMIT_SEQ = PREFIX + "submit-seq"
 # Sorted set of running job ids scored by heartbeat deadline (epoch seconds): an entry
 # whose deadline passed belongs to a dead worker and is re-queued or failed.
 RUNNING = PREFIX + "running"

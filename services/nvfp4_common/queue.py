@@ -220,7 +220,9 @@ class JobQueue:
             priority=priority,
             max_attempts=self.settings.max_attempts,
         )
-        score = priority.rank * 1e13 + int(job.created_at * 1000)
+        # A Redis counter, not the clock: two submits in the same millisecond (or from
+        # hosts with skewed clocks) still run in the order Redis received them.
+        score = priority.rank * 1e13 + self.redis.incr(keys.SUBMIT_SEQ)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job(job.id), mapping={**job.to_redis(), "score": repr(score)})
             pipe.zadd(keys.QUEUE, {job.id: score})

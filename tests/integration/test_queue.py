@@ -59,11 +59,11 @@ def test_get_unknown_job_raises(queue: JobQueue) -> None:
 
 def test_higher_priority_runs_first_then_first_come_first_served(queue: JobQueue) -> None:
     low = queue.submit(SPEC, Priority.LOW)
-    normal1 = queue.submit(SPEC, Priority.NORMAL)
-    normal2 = queue.submit(SPEC, Priority.NORMAL)
+    # Many submits land in the same millisecond: order must still be submit order.
+    normals = [queue.submit(SPEC, Priority.NORMAL) for _ in range(30)]
     high = queue.submit(SPEC, Priority.HIGH)
-    order = [queue.claim("w").id for _ in range(4)]  # type: ignore[union-attr]
-    assert order == [high.id, normal1.id, normal2.id, low.id]
+    order = [queue.claim("w").id for _ in range(32)]  # type: ignore[union-attr]
+    assert order == [high.id, *(job.id for job in normals), low.id]
     assert queue.claim("w") is None
 
 
