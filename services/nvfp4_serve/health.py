@@ -2,8 +2,10 @@
 
 /v1/models answers as soon as the ingress is up, long before an engine replica can
 generate, so readiness is a real 1-token generation through the same path as user
-requests. Once one succeeds it is cached: a later slow request must not flap the
-pod out of its Service.
+requests. After that, readiness follows the engine replicas: when none is running
+(all died and Ray is replacing them) /readyz answers 503 until a new one has
+generated a token again. A slow request never flips it: only the replica count, as
+Ray's controller reports it, can take a ready pod out of its Service.
 """
 
 from __future__ import annotations
@@ -16,18 +18,30 @@ from collections.abc import Awaitable, Callable
 logger = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[str]]  # returns the generated text, raises on failure
+# Returns (running, total) engine replicas; raises when the controller cannot be asked.
+ReplicaCount = Callable[[], Awaitable[tuple[int, int]]]
 
 
 class Readiness:
-    """Runs `probe` until it first succeeds, then stays ready."""
+    """Probes until a generation succeeds, then watches the engine replicas."""
 
-    def __init__(self, probe: Probe, retry_s: float = 2.0, probe_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        probe: Probe,
+        replicas: ReplicaCount | None = None,
+        retry_s: float = 2.0,
+        probe_timeout_s: float = 120.0,
+        watch_s: float = 2.0,
+    ):
         self._probe = probe
+        self._replicas = replicas
         self._retry_s = retry_s
         self._timeout_s = probe_timeout_s
+        self._watch_s = watch_s
         self.ready = False
         self.last_error: str | None = "not probed yet"
         self.ready_after_s: float | None = None
+        self.lost_engines = 0  # times every engine replica was gone at once
         self._started = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
@@ -37,8 +51,15 @@ class Readiness:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        while True:
+            await self._until_a_token()
+            if self._replicas is None:
+                return
+            await self._while_an_engine_runs()
+
+    async def _until_a_token(self) -> None:
         attempt = 0
-        while not self.ready:
+        while True:
             attempt += 1
             try:
                 text = await asyncio.wait_for(self._probe(), self._timeout_s)
@@ -49,12 +70,29 @@ class Readiness:
             else:
                 self.ready = True
                 self.last_error = None
-                self.ready_after_s = round(time.monotonic() - self._started, 1)
+                if self.ready_after_s is None:
+                    self.ready_after_s = round(time.monotonic() - self._started, 1)
                 logger.info("ready after %.1f s (generated %r)", self.ready_after_s, text)
                 return
             if attempt == 1 or attempt % 15 == 0:
                 logger.info("readiness probe %d failed: %s", attempt, self.last_error)
             await asyncio.sleep(self._retry_s)
+
+    async def _while_an_engine_runs(self) -> None:
+        assert self._replicas is not None
+        while True:
+            await asyncio.sleep(self._watch_s)
+            try:
+                running, total = await self._replicas()
+            except Exception as e:  # the controller restarting is not the engine failing
+                logger.debug("replica count unavailable: %s", e)
+                continue
+            if running == 0:
+                self.ready = False
+                self.lost_engines += 1
+                self.last_error = f"no engine replica running (0 of {total}); Ray is replacing it"
+                logger.warning("not ready: %s", self.last_error)
+                return
 
     def status(self) -> tuple[int, dict[str, object]]:
         if self.ready:

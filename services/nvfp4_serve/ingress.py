@@ -10,18 +10,21 @@ checked by tests/integration/test_serve.py against the installed Ray.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress
-from ray.serve.llm.openai_api_models import CompletionRequest
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.exceptions import HTTPException
 
 from nvfp4_common.settings import get_settings
 from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, require_keys
+from nvfp4_serve.errors import ScrubServerErrors, chat_messages_problem
 from nvfp4_serve.health import Readiness
 
 logger = logging.getLogger(__name__)
@@ -34,19 +37,15 @@ async def _openai_http_error(request: Request, exc: Exception) -> JSONResponse:
     default would answer {"detail": ...}, which OpenAI clients do not parse.
     """
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, exc.status_code)
-    return JSONResponse(
-        {
-            "error": {
-                "message": str(exc.detail),
-                "type": "invalid_request_error",
-                "param": None,
-                "code": code,
-            }
-        },
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    response = _error(exc.status_code, str(exc.detail), code or str(exc.status_code))
+    response.headers.update(exc.headers or {})
+    return response
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    body = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status)
 
 
 class NVFP4Ingress(OpenAiIngress):
@@ -72,7 +71,7 @@ class NVFP4Ingress(OpenAiIngress):
         self._enforce_keys = self._keys.configured or settings.env == "production"
         self._probe_model = next(iter(model_cards))
         self._probe_prompt = readiness_prompt
-        self.readiness = Readiness(self._generate_one_token)
+        self.readiness = Readiness(self._generate_one_token, self._engine_replicas)
         self.readiness.start()
 
     async def _generate_one_token(self) -> str:
@@ -91,6 +90,35 @@ class NVFP4Ingress(OpenAiIngress):
             return str(data["choices"][0]["text"])
         raise RuntimeError("engine returned nothing")
 
+    async def _engine_replicas(self) -> tuple[int, int]:
+        """(running, total) replicas of the probed model's engine deployment."""
+        handle = self._default_serve_handles[self._probe_model]
+        # serve.status() blocks on the controller; keep it off the event loop.
+        status = await asyncio.to_thread(serve.status)
+        deployment = status.applications[handle.app_name].deployments[handle.deployment_name]
+        states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items()}
+        return states.get("RUNNING", 0), sum(states.values())
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        problem = chat_messages_problem(body.messages)
+        if problem:
+            return _error(400, problem, "invalid_value", param="messages")
+        return await super().chat(body, request)
+
+    # The served checkpoints are text generators: Ray's ingress would forward these to
+    # the engine, which fails with a 500 and a traceback. Say so instead.
+    async def embeddings(self, request: Request) -> Response:  # type: ignore[override]
+        return self._not_served("/v1/embeddings")
+
+    async def transcriptions(self, request: Request) -> Response:  # type: ignore[override]
+        return self._not_served("/v1/audio/transcriptions")
+
+    async def score(self, request: Request) -> Response:  # type: ignore[override]
+        return self._not_served("/v1/score")
+
+    def _not_served(self, route: str) -> Response:
+        return _error(404, f"{route} is not served: this deployment generates text", "not_found")
+
     async def _healthz(self) -> JSONResponse:
         return JSONResponse({"status": "alive"})
 
@@ -103,6 +131,7 @@ class NVFP4Ingress(OpenAiIngress):
             app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
             app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
             app.add_exception_handler(HTTPException, _openai_http_error)
+            app.add_middleware(ScrubServerErrors)
             # Added last, so it is the outermost layer: a request without a valid key
             # reaches none of Ray's handlers.
             app.add_middleware(ApiKeyMiddleware, store=self._keys, enforce=self._enforce_keys)

@@ -1,0 +1,57 @@
+"""Readiness state machine, with the engine and Ray's controller played by small
+async functions (the real ones are exercised in tests/reliability/test_serving_faults.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nvfp4_serve.health import Readiness
+
+
+def test_ready_after_a_token_then_follows_the_engine_replicas() -> None:
+    async def scenario() -> list[tuple[int, str | None]]:
+        probes = iter([RuntimeError("engine loading"), "hi", "back"])
+        counts = iter([(1, 1), (0, 1), (1, 1)] + [(1, 1)] * 100)
+
+        async def probe() -> str:
+            item = next(probes)
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        async def replicas() -> tuple[int, int]:
+            return next(counts)
+
+        r = Readiness(probe, replicas, retry_s=0.01, watch_s=0.01)
+        seen: list[tuple[int, str | None]] = []
+        r.start()
+        for _ in range(200):
+            code, body = r.status()
+            entry = (code, body.get("reason"))  # type: ignore[arg-type]
+            if not seen or seen[-1][0] != code:
+                seen.append(entry)  # type: ignore[arg-type]
+            await asyncio.sleep(0.005)
+        assert r.lost_engines == 1
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [code for code, _ in seen] == [503, 200, 503, 200]
+    assert "not probed yet" in str(seen[0][1]) or "engine loading" in str(seen[0][1])
+    assert "no engine replica running (0 of 1)" in str(seen[2][1])
+
+
+def test_a_controller_error_does_not_flip_readiness() -> None:
+    async def scenario() -> Readiness:
+        async def probe() -> str:
+            return "hi"
+
+        async def replicas() -> tuple[int, int]:
+            raise ConnectionError("controller restarting")
+
+        r = Readiness(probe, replicas, watch_s=0.01)
+        r.start()
+        await asyncio.sleep(0.2)
+        return r
+
+    r = asyncio.run(scenario())
+    assert r.status()[0] == 200
