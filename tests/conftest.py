@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,22 @@ def queue(settings: Settings) -> JobQueue:
     return JobQueue(settings)
 
 
+@pytest.fixture
+def job_settings(settings: Settings, tiny_model: Path, calib_file: Path) -> Settings:
+    """Settings whose model roots hold the test model and the calibration text."""
+    return settings.model_copy(update={"model_roots": [tiny_model.parent, calib_file.parent]})
+
+
+@pytest.fixture
+def start_worker(job_settings: Settings) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `python -m nvfp4_worker` processes; stops whatever still runs at the end."""
+    from tests.worker_harness import Workers
+
+    workers = Workers(job_settings)
+    yield workers.start
+    workers.stop_all()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BF16 Qwen3 with its own tokenizer: for plumbing, not quality."""
@@ -120,3 +138,20 @@ def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.fixtures.text import write_text_file
 
     return write_text_file(tmp_path_factory.mktemp("data") / "calib.txt", max_chars=1_500_000)
+
+
+@pytest.fixture
+def record_stat(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Keep a figure docs/reliability.md quotes: with NVFP4_RELIABILITY_STATS=path set
+    (`make reliability` sets it), append one JSON line of what a test tried and survived
+    (faults, inputs, requests, jobs lost); bench/reliability_totals.py sums them."""
+
+    def record(name: str, **values: object) -> None:
+        line = json.dumps({"test": request.node.nodeid, "name": name, **values})
+        print(line)
+        target = os.environ.get("NVFP4_RELIABILITY_STATS")
+        if target:
+            with Path(target).open("a") as f:
+                f.write(line + "\n")
+
+    return record

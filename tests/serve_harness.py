@@ -99,6 +99,20 @@ class ServeCluster:
                 "TOKENIZERS_PARALLELISM": "false",
             }
         )
+        if self.temp_dir is not None:
+            # HAProxy (when RAY_SERVE_ENABLE_HA_PROXY=1) defaults to fixed ports and
+            # /tmp/haproxy-serve: give each cluster its own, like every other Ray port.
+            haproxy = self.temp_dir / "haproxy"
+            env.update(
+                {
+                    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
+                    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.ports["haproxy_metrics"]),
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(self.ports["haproxy_stats"]),
+                }
+            )
         env.update(self.env)
         return env
 
@@ -136,6 +150,7 @@ class ServeCluster:
         for name in (
             "gcs", "dashboard", "metrics", "http", "agent_grpc", "agent_http",
             "runtime_env", "node_manager", "object_manager", "client",
+            "haproxy_metrics", "haproxy_stats",
         ):  # fmt: skip
             self.ports[name] = free_port()
         # Short path: Ray's unix sockets live under it (108-byte limit).

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from nvfp4_common.settings import Settings, mask_url
+from nvfp4_common.settings import Settings, describe_invalid, mask_url
 
 if TYPE_CHECKING:
     from nvfp4_admin.ray_client import RayClient
@@ -68,11 +69,9 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     try:
         return Settings(_env_file=config if config else ".env", **overrides)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise click.ClickException(f"invalid settings: {problems}") from None
+        raise click.ClickException(f"invalid settings: {describe_invalid(e)}") from None
+    except SettingsError as e:  # an NVFP4_* list/dict variable that is not JSON
+        raise click.ClickException(f"invalid settings: {e}") from None
 
 
 def json_option(func: F) -> F:
@@ -88,7 +87,7 @@ def describe_error(e: BaseException, settings: Settings | None) -> str | None:
     import redis
 
     from nvfp4_admin.ray_client import RayApiError
-    from nvfp4_common.queue import InvalidTransition, JobNotFound
+    from nvfp4_common.queue import CorruptJob, InvalidTransition, JobNotFound
 
     redis_url = mask_url(settings.redis_url) if settings else "Redis"
     # AuthenticationError is a ConnectionError in redis-py: check it first.
@@ -99,8 +98,11 @@ def describe_error(e: BaseException, settings: Settings | None) -> str | None:
         return f"Redis at {redis_url} refused the password: {e} (check NVFP4_REDIS_URL)"
     if isinstance(e, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return f"cannot reach Redis at {redis_url}: {e}"
-    if isinstance(e, JobNotFound | InvalidTransition | RayApiError):
+    if isinstance(e, JobNotFound | InvalidTransition | CorruptJob | RayApiError):
         return str(e)
+    if isinstance(e, UnicodeEncodeError):  # argv bytes that are not UTF-8 reach Redis keys
+        bad = e.object[e.start : e.end]
+        return f"an argument is not UTF-8 text (it holds {bad!r}); check the terminal's encoding"
     if isinstance(e, httpx.TransportError):
         where = str(e.request.url) if _has_request(e) else "the server"
         return f"cannot reach {where}: {e or type(e).__name__}"

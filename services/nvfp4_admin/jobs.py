@@ -20,7 +20,7 @@ from nvfp4_admin.output import (
     table,
 )
 from nvfp4_common.jobs import Job, JobSpec, JobState, Priority, QuantFormat, Stage
-from nvfp4_common.queue import JobQueue
+from nvfp4_common.queue import JobQueue, through_restarts
 
 # Stages a job moves through after it is claimed, for "stage i/n" in progress lines.
 _WORK_STAGES = [s for s in Stage if s not in (Stage.QUEUED, Stage.DONE)]
@@ -294,8 +294,13 @@ def _watch(queue: JobQueue, job_id: str, quiet: bool, poll_s: float = 0.5) -> Jo
     """Redraw one progress line (or print changes when not a terminal) until the job ends."""
     tty = sys.stdout.isatty()
     last = ""
+
+    def reconnecting(e: Exception, wait_s: float) -> None:
+        if not quiet:
+            click.echo(f"redis unavailable ({e}); retrying in {wait_s:.1f} s", err=True)
+
     while True:
-        job = queue.get(job_id)
+        job = through_restarts(lambda: queue.get(job_id), on_retry=reconnecting)
         line = f"{job.id} {bar(job.progress.fraction)} {job.state.value}: {_progress_text(job)}"
         if job.progress.message:
             line += f"  {job.progress.message}"

@@ -40,6 +40,12 @@ class RequestStats:
         span = self.total_s - self.ttft_s
         return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else None
 
+    @property
+    def itl_s(self) -> float | None:
+        """Mean inter-token latency of this stream (chunk gaps would miss packed tokens)."""
+        tps = self.decode_tps
+        return 1 / tps if tps else None
+
 
 @dataclass
 class LevelStats:
@@ -55,6 +61,7 @@ class LevelStats:
     def summary(self) -> dict[str, Any]:
         ttfts = sorted(r.ttft_s for r in self.requests)
         per_stream = [d for r in self.requests if (d := r.decode_tps) is not None]
+        itls = sorted(i for r in self.requests if (i := r.itl_s) is not None)
         return {
             "concurrency": self.concurrency,
             "requests": len(self.requests),
@@ -68,6 +75,9 @@ class LevelStats:
             else None,
             "ttft_p50_ms": round(_pct(ttfts, 0.5) * 1000, 1) if ttfts else None,
             "ttft_p90_ms": round(_pct(ttfts, 0.9) * 1000, 1) if ttfts else None,
+            "ttft_p95_ms": round(_pct(ttfts, 0.95) * 1000, 1) if ttfts else None,
+            "itl_p50_ms": round(_pct(itls, 0.5) * 1000, 2) if itls else None,
+            "itl_p95_ms": round(_pct(itls, 0.95) * 1000, 2) if itls else None,
         }
 
 
@@ -127,13 +137,30 @@ class LoadGenerator:
             raise RuntimeError("the stream ended without any generated text")
         return RequestStats(first - start, end - start, usage_tokens or chunks)
 
-    async def level(self, concurrency: int) -> LevelStats:
+    async def level(self, concurrency: int, requests: int | None = None) -> LevelStats:
+        """`requests` streams (default: `concurrency`), `concurrency` of them in flight.
+
+        Each of the `concurrency` slots starts its next request as soon as its last one
+        ends, so the server sees the same load until the requests run out.
+        """
+        total = concurrency if requests is None else requests
+        results: list[RequestStats | BaseException] = []
+
+        async def slot(c: httpx.AsyncClient) -> None:
+            while len(results) + in_flight[0] < total:
+                in_flight[0] += 1
+                try:
+                    results.append(await self.one(c))
+                except Exception as e:  # recorded; the level goes on
+                    results.append(e)
+                finally:
+                    in_flight[0] -= 1
+
+        in_flight = [0]
         limits = httpx.Limits(max_connections=concurrency + 4)
         async with httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False) as c:
             start = time.perf_counter()
-            results = await asyncio.gather(
-                *(self.one(c) for _ in range(concurrency)), return_exceptions=True
-            )
+            await asyncio.gather(*(slot(c) for _ in range(concurrency)))
             wall = time.perf_counter() - start
         stats = LevelStats(concurrency, wall)
         for res in results:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -10,6 +11,7 @@ from nvfp4_admin import serve_config as sc
 from nvfp4_admin.context import AppContext, json_option, pass_app
 from nvfp4_admin.output import emit_json, table
 from nvfp4_admin.rollout import Rollout, RolloutError, RolloutOptions
+from nvfp4_common.checkpoint_files import CheckpointError, check_folder
 from nvfp4_common.jobs import JobState
 
 
@@ -121,6 +123,7 @@ def deploy(
             )
         model_path = job.result.output_path
     assert model_path is not None
+    _refuse_damaged(model_path, args)
     try:
         extra = sc.parse_args(args)
         if served_model_name:
@@ -264,6 +267,23 @@ def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: b
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def _refuse_damaged(model_path: str, args: tuple[str, ...]) -> None:
+    """Refuse a checkpoint that build_app would refuse, before the live config changes.
+
+    Only a folder this machine can see is checked: --model is the path as the replicas see
+    it, which may be another machine's volume.
+    """
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return
+    try:
+        engine = sc.parse_args(args).get("engine_kwargs")
+        own_tokenizer = isinstance(engine, dict) and bool(engine.get("tokenizer"))
+        check_folder(folder, tokenizer=not own_tokenizer)
+    except (CheckpointError, sc.ServeConfigError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _rollout(app: AppContext, ready_path: str, timeout_s: float | None) -> Rollout:

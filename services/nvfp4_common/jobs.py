@@ -14,10 +14,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# A Hugging Face repo id ("org/name"); anything else must be a local path.
-HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# A Hugging Face repo id ("org/name"); anything else must be a local path. Both patterns
+# end in \Z, not $: `$` also matches before a trailing newline, which let "name\n" through.
+HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")
 # Output names become a folder under the models directory: one safe path component.
-OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 class JobState(StrEnum):
@@ -93,8 +94,12 @@ class JobSpec(BaseModel):
     @classmethod
     def _patterns_are_plain(cls, v: list[str]) -> list[str]:
         for p in v:
-            if not p or len(p) > 256 or any(c.isspace() for c in p):
-                raise ValueError(f"exclude pattern {p!r} must be 1-256 characters, no spaces")
+            # isprintable also refuses control characters and lone surrogates (non-UTF-8
+            # bytes from the shell), which `jobs show` could not print.
+            if not p or len(p) > 256 or not p.isprintable() or any(c.isspace() for c in p):
+                raise ValueError(
+                    f"exclude pattern {p!r} must be 1-256 printable characters, no spaces"
+                )
         return v
 
     @field_validator("output_name")
@@ -187,7 +192,12 @@ class Job(BaseModel):
             if name not in cls.model_fields:
                 continue  # fields used only by the queue's scripts (e.g. score)
             if name in _JSON_FIELDS:
-                data[name] = json.loads(value) if value else None
+                try:
+                    data[name] = json.loads(value) if value else None
+                except json.JSONDecodeError as e:  # name the field: the hash has several
+                    raise ValueError(
+                        f"{name} is not valid JSON ({e.msg} at char {e.pos})"
+                    ) from None
             elif value == "":
                 data[name] = None
             elif name == "cancel_requested":

@@ -16,15 +16,43 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import redis
+from pydantic import ValidationError
 
 from nvfp4_common import keys
 from nvfp4_common.jobs import Job, JobResult, JobSpec, JobState, Priority, Progress, Stage
 from nvfp4_common.settings import Settings
+
+T = TypeVar("T")
+
+# How long a caller that must not give up (a finished job recording its outcome, a CLI
+# following a job) waits for Redis to come back. A restart with AOF takes seconds.
+RECONNECT_FOR_S = 120.0
+
+
+def through_restarts(
+    call: Callable[[], T],
+    for_s: float = RECONNECT_FOR_S,
+    on_retry: Callable[[Exception, float], None] | None = None,
+) -> T:
+    """`call()`, retried with backoff while Redis is unreachable, for up to `for_s`."""
+    deadline = time.monotonic() + for_s
+    backoff = 0.25
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if isinstance(e, redis.AuthenticationError) or time.monotonic() + backoff > deadline:
+                raise
+            if on_retry:
+                on_retry(e, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
 
 class JobNotFound(LookupError):
@@ -34,6 +62,26 @@ class JobNotFound(LookupError):
 
 class InvalidTransition(ValueError):
     """The job is not in a state that allows the operation."""
+
+
+class CorruptJob(ValueError):
+    """A job hash that cannot be parsed (written by other software or edited by hand)."""
+
+    def __init__(self, job_id: str, problem: str) -> None:
+        self.job_id = job_id
+        problem = " ".join(problem.split())[:300]  # one line, whatever the bad value holds
+        super().__init__(f"job {job_id} in Redis cannot be read: {problem}")
+
+
+def _parse(job_id: str, raw: dict[str, str]) -> Job:
+    try:
+        return Job.from_redis(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "job"
+        raise CorruptJob(job_id, f"{where}: {err['msg']}") from None
+    except ValueError as e:  # a JSON field that does not parse
+        raise CorruptJob(job_id, str(e)) from None
 
 
 # Claim the next queued job for a worker. KEYS: queue, running. ARGV: job key prefix,
@@ -46,9 +94,11 @@ while true do
   redis.call('ZREM', KEYS[1], id)
   local key = ARGV[1] .. id
   if redis.call('HGET', key, 'state') == 'queued' then
-    redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'state', 'running', 'worker_id', ARGV[2], 'started_at', ARGV[3],
-               'error', '', 'cancel_requested', '0')
+    -- Not HINCRBY: on a value that is not a number (a hand-edited hash) it would
+    -- raise after ZREM, and a script error does not roll back: the job would be lost.
+    local attempts = (tonumber(redis.call('HGET', key, 'attempts')) or 0) + 1
+    redis.call('HSET', key, 'attempts', attempts, 'state', 'running', 'worker_id', ARGV[2],
+               'started_at', ARGV[3], 'error', '', 'cancel_requested', '0')
     redis.call('ZADD', KEYS[2], ARGV[4], id)
     return id
   end
@@ -232,10 +282,16 @@ class JobQueue:
         return job
 
     def get(self, job_id: str) -> Job:
-        raw = self.redis.hgetall(keys.job(job_id))
+        raw = self._read(job_id)
         if not raw:
             raise JobNotFound(job_id)
-        return Job.from_redis(raw)
+        return _parse(job_id, raw)
+
+    def _read(self, job_id: str) -> dict[str, str]:
+        try:
+            return dict(self.redis.hgetall(keys.job(job_id)))
+        except UnicodeDecodeError as e:  # decode_responses: a value that is not UTF-8 text
+            raise CorruptJob(job_id, f"a field is not UTF-8 text ({e.reason})") from None
 
     def jobs(self, state: JobState | None = None, limit: int = 1000) -> list[Job]:
         """Jobs newest first, optionally in one state."""
@@ -247,13 +303,16 @@ class JobQueue:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hgetall(keys.job(job_id))
-            raws = pipe.execute()
+            try:
+                raws = pipe.execute()
+            except UnicodeDecodeError:  # one hash is not text: read one by one to name it
+                raws = [self._read(job_id) for job_id in ids]
         stale = []
         for job_id, raw in zip(ids, raws, strict=True):
             if not raw:
                 stale.append(job_id)  # expired by its result TTL
                 continue
-            job = Job.from_redis(raw)
+            job = _parse(job_id, raw)
             if state is None or job.state == state:
                 jobs.append(job)
         if stale:
@@ -313,11 +372,11 @@ class JobQueue:
         """Yield log lines as they arrive until the job ends."""
         seen = 0
         while True:
-            lines = self.logs(job_id, seen)
+            lines = through_restarts(partial(self.logs, job_id, seen))
             # The list is capped; when it rolled over, restart from what is kept.
             seen += len(lines)
             yield from lines
-            if self.get(job_id).state.ended:
+            if through_restarts(partial(self.get, job_id)).state.ended:
                 yield from self.logs(job_id, seen)
                 return
             time.sleep(poll_s)
@@ -366,12 +425,36 @@ class JobQueue:
         self.redis.blpop([keys.WAKE], timeout=timeout_s)
 
     def claim(self, worker_id: str) -> Job | None:
-        now = time.time()
-        job_id = self._claim(
-            keys=[keys.QUEUE, keys.RUNNING],
-            args=[keys.JOB, worker_id, now, now + self.settings.heartbeat_timeout_s],
+        while True:
+            now = time.time()
+            job_id = self._claim(
+                keys=[keys.QUEUE, keys.RUNNING],
+                args=[keys.JOB, worker_id, now, now + self.settings.heartbeat_timeout_s],
+            )
+            if not job_id:
+                return None
+            try:
+                return self.get(job_id)
+            except CorruptJob as e:
+                # Raising here would crash every worker that claims the job, one after the
+                # other, as the reaper re-queues it: end it as failed with the reason instead.
+                self._fail_unreadable(job_id, worker_id, str(e))
+
+    def _fail_unreadable(self, job_id: str, worker_id: str, reason: str) -> None:
+        attempts = self.redis.hget(keys.job(job_id), "attempts")
+        self._end(
+            keys=[keys.RUNNING, keys.ENDED, keys.job(job_id), keys.job_log(job_id)],
+            args=[
+                worker_id,
+                attempts,
+                JobState.FAILED.value,
+                time.time(),
+                self.settings.result_ttl_s,
+                job_id,
+                "error",
+                f"{reason}; it was not run",
+            ],
         )
-        return self.get(job_id) if job_id else None
 
     def heartbeat(self, job: Job, worker_id: str) -> bool:
         """Renew the job's deadline; False when this attempt no longer owns the job."""

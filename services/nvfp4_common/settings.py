@@ -11,9 +11,9 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse, urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_REDIS_URL = "redis://localhost:6379/0"
@@ -186,6 +186,20 @@ class Settings(BaseSettings):
     k8s_namespace: str = Field("default", description="Kubernetes namespace of the Helm release.")
     helm_release: str = Field("nvfp4", description="Helm release name of the stack.")
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, v: str) -> str:
+        # Checked here so a typo fails as "invalid settings", not deep inside redis-py.
+        # The message never repeats the URL: it may hold the password.
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("is not a valid URL, e.g. redis://:PASSWORD@redis:6379/0") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:
         if self.env == "production" and (
@@ -203,21 +217,37 @@ class Settings(BaseSettings):
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
+    """The URL with any password replaced by ***, safe to print or log.
+
+    The credentials end at the last "@", not where urlsplit stops: a password pasted
+    without percent-encoding (base64 holds "/" and "+") would otherwise leak its tail.
+    """
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{location}"
+
+
+def describe_invalid(e: ValidationError) -> str:
+    """One line naming each bad setting and its problem, without the values: pydantic's own
+    text repeats every input, and those include the Redis password and API keys."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
+        + err["msg"].removeprefix("Value error, ")
+        for err in e.errors()
+    )
 
 
 @lru_cache
 def get_settings(**overrides: Any) -> Settings:
-    """The process-wide settings, built on first use."""
-    return Settings(**overrides)
+    """The process-wide settings, built on first use.
+
+    Raises:
+        ValueError: invalid settings, in one line that shows no secret.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        raise ValueError(describe_invalid(e)) from None

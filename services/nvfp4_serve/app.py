@@ -15,6 +15,7 @@ from typing import Any
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 
+from nvfp4_common.checkpoint_files import check_folder
 from nvfp4_common.settings import Settings, get_settings
 from nvfp4_serve.checkpoint import Checkpoint, CheckpointError, inspect_checkpoint, resolve_local
 from nvfp4_serve.config import ServeArgs, load_args
@@ -86,6 +87,8 @@ def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
     else:
         deployment = {"num_replicas": args.num_replicas}
     extra: dict[str, Any] = {}
+    if args.first_chunk_now:
+        extra["server_cls"] = "nvfp4_serve.server:LLMServer"
     if args.accelerator == "cpu":
         # Without this Ray Serve LLM asks for GPUs and the replica never schedules.
         extra["accelerator_config"] = {"kind": "cpu"}
@@ -96,6 +99,7 @@ def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
         },
         engine_kwargs=engine,
         deployment_config=deployment,
+        experimental_configs={"stream_batching_interval_ms": args.stream_batching_interval_ms},
         **extra,
     )
 
@@ -117,6 +121,10 @@ def build_app_with(settings: Settings, args: dict[str, Any] | None) -> Applicati
     serve_args = load_args(settings, args)
     try:
         local = resolve_local(serve_args.model)
+        if local is not None:
+            # A damaged copy (cut-short shard, broken JSON, no tokenizer) fails here in one
+            # line instead of in every replica, which Ray would restart again and again.
+            check_folder(local, tokenizer=not serve_args.engine_kwargs.get("tokenizer"))
         ckpt = inspect_checkpoint(local) if local else None
     except CheckpointError as e:
         raise ValueError(str(e)) from None

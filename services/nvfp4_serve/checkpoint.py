@@ -6,21 +6,17 @@ safetensors shards, so it runs in the driver in milliseconds.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# ModelOpt's quant_algo -> the quantization name vLLM 0.32 registers for it.
-# vLLM serves only the FP8 and NVFP4 families of ModelOpt formats.
-MODELOPT_TO_VLLM = {
-    "NVFP4": "modelopt_fp4",
-    "W4A16_NVFP4": "modelopt_fp4",
-    "FP8": "modelopt",
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be served; the message says what to do."""
+# The file checks live in nvfp4_common so `nvfp4ctl serve deploy` refuses exactly what
+# build_app refuses, before it changes anything.
+from nvfp4_common.checkpoint_files import (
+    MODELOPT_TO_VLLM,
+    CheckpointError,
+    quant_section,
+    read_json_object,
+)
 
 
 @dataclass(frozen=True)
@@ -63,19 +59,13 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json; point model at a Hugging Face folder")
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file)
 
     quant_algo = kv_algo = None
-    quant_file = path / "hf_quant_config.json"
-    if quant_file.is_file():
-        quant = json.loads(quant_file.read_text()).get("quantization", {})
+    quant = quant_section(path)  # raises for a section vLLM cannot serve
+    if quant is not None:
         quant_algo = quant.get("quant_algo")
         kv_algo = quant.get("kv_cache_quant_algo")
-        if quant_algo not in MODELOPT_TO_VLLM:
-            raise CheckpointError(
-                f"{path} is ModelOpt {quant_algo}; vLLM serves only "
-                f"{sorted(MODELOPT_TO_VLLM)} ModelOpt checkpoints"
-            )
 
     text = config.get("text_config", config)
     max_pos = text.get("max_position_embeddings")

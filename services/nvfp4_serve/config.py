@@ -63,6 +63,17 @@ class ServeArgs(BaseModel):
     unified_memory: bool = Field(False, description="GPU shares host memory (DGX Spark).")
     memory_overhead_gb: float = Field(2.0, ge=0, description="Preflight runtime allowance.")
     readiness_prompt: str = Field("Hello", min_length=1, description="Prompt behind /readyz.")
+    stream_batching_interval_ms: float = Field(
+        50,
+        ge=0,
+        description="Ray Serve LLM sends a stream's tokens in one message per interval"
+        " (fewer, larger messages between engine and ingress); 0 sends every token alone.",
+    )
+    first_chunk_now: bool = Field(
+        True,
+        description="Send a stream's first chunk as soon as the engine yields it, not at the"
+        " end of the first batching interval (nvfp4_serve.server; false is Ray's own batcher).",
+    )
 
     @model_validator(mode="after")
     def _no_duplicate_engine_settings(self) -> ServeArgs:

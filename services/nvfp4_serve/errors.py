@@ -84,4 +84,3 @@ class ScrubServerErrors:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, send_scrubbed)
-

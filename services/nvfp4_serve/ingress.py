@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress
-from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from ray.serve.llm.openai_api_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+)
 from starlette.exceptions import HTTPException
 
 from nvfp4_common.settings import get_settings
@@ -73,6 +78,29 @@ class NVFP4Ingress(OpenAiIngress):
         self._probe_prompt = readiness_prompt
         self.readiness = Readiness(self._generate_one_token, self._engine_replicas)
         self.readiness.start()
+
+    async def _get_response(  # type: ignore[override]
+        self, *, body: Any, call_method: str, raw_request: Request | None = None
+    ) -> AsyncIterator[Any]:
+        """Ray's response stream, closed with an OpenAI error chunk when the engine
+        replica dies mid-stream. Without it the client sees a 200 stream that just
+        stops (no error, no [DONE] from the engine), which reads as a complete answer.
+        """
+        started = False
+        try:
+            async for response in super()._get_response(
+                body=body, call_method=call_method, raw_request=raw_request
+            ):
+                started = True
+                yield response
+        except Exception as e:
+            if not started:
+                raise  # Ray's handlers answer it with an HTTP error status
+            logger.error("engine failed mid-stream (%s): %s", call_method, e)
+            message = f"the engine stopped in the middle of this response ({type(e).__name__})"
+            yield ErrorResponse.model_validate(
+                {"error": {"message": message, "type": "server_error", "code": 503}}
+            )
 
     async def _generate_one_token(self) -> str:
         body = CompletionRequest(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nvfp4_common.checkpoint_files import TOKENIZER_FILES, has_tokenizer
 from nvfp4_common.jobs import JobResult, JobSpec, Stage
 from nvfp4_common.settings import Settings
 from nvfp4_worker import (
@@ -115,6 +116,12 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         raise JobError(
             f"calib_seq_len {spec.calib_seq_len} is above the model's max_position_embeddings"
             f" ({info.max_positions})"
+        )
+    if not has_tokenizer(source.path):
+        # transformers then builds an empty tokenizer without complaint, and the job would
+        # fail later with a misleading "calibration data has N tokens".
+        raise JobError(
+            f"model {spec.model} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
         )
     calib = sources.resolve_calibration(spec.calib_dataset, settings)
     estimate = checkpoint.estimate_output_bytes(source.path, spec.format, spec.exclude)

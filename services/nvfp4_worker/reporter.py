@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Protocol
+
+import redis
 
 from nvfp4_common.jobs import Job, Progress, Stage
 from nvfp4_common.queue import JobQueue
@@ -20,7 +23,9 @@ class RedisReporter:
     """Writes progress to the job's hash and log lines to its capped log list.
 
     Progress updates are rate-limited: a calibration loop may report every batch, and
-    Redis needs to hear about it only a few times a second.
+    Redis needs to hear about it only a few times a second. Both are best effort: while
+    Redis restarts the job keeps running (its lines still go to stderr), and the next
+    update after Redis is back brings the job's progress up to date.
     """
 
     def __init__(self, queue: JobQueue, job: Job, min_interval_s: float = 0.25) -> None:
@@ -40,12 +45,18 @@ class RedisReporter:
         ):
             return
         self._last = (stage, now)
-        self.queue.set_progress(self.job, Progress(stage=stage, fraction=fraction, message=message))
+        progress = Progress(stage=stage, fraction=fraction, message=message)
+        try:
+            self.queue.set_progress(self.job, progress)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            print(f"progress not recorded (redis unavailable: {e})", file=sys.stderr, flush=True)
 
     def log(self, message: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {message}"
         print(line, file=sys.stderr, flush=True)
-        self.queue.log(self.job.id, line)
+        # Already on stderr, which the worker's log keeps.
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self.queue.log(self.job.id, line)
 
 
 class PrintReporter:

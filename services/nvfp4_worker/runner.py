@@ -12,7 +12,7 @@ import sys
 import traceback
 
 from nvfp4_common.jobs import JobState
-from nvfp4_common.queue import JobQueue
+from nvfp4_common.queue import JobQueue, through_restarts
 from nvfp4_common.settings import get_settings
 from nvfp4_worker.errors import JobError
 from nvfp4_worker.reporter import RedisReporter
@@ -32,18 +32,22 @@ def main(argv: list[str]) -> int:
         from nvfp4_worker.pipeline import run as run_pipeline
 
         result = run_pipeline(job.spec, settings, reporter, job.id)
+    # The outcome is recorded through a Redis restart: an hour of calibration must not
+    # be lost to a few seconds without Redis.
     except JobError as e:
         reporter.log(f"failed: {e}")
-        queue.fail(job, worker_id, str(e))
+        reason = str(e)
+        through_restarts(lambda: queue.fail(job, worker_id, reason))
         return 0
     except Exception as e:  # a bug: keep the traceback in the job's log
         for line in traceback.format_exc().splitlines()[-30:]:
-            queue.log(job.id, line)
+            reporter.log(line)
         message = str(e).splitlines()[0] if str(e) else ""
-        queue.fail(job, worker_id, f"internal error: {type(e).__name__}: {message}")
+        error = f"internal error: {type(e).__name__}: {message}"
+        through_restarts(lambda: queue.fail(job, worker_id, error))
         return 0
     reporter.log(f"succeeded: {result.output_path}")
-    queue.succeed(job, worker_id, result)
+    through_restarts(lambda: queue.succeed(job, worker_id, result))
     return 0
 
 

@@ -67,13 +67,20 @@ def confine(path: Path, settings: Settings, what: str) -> Path:
     return resolved
 
 
+def _local_path(name: str, what: str) -> Path:
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:  # "~someone/..." where this machine has no user "someone"
+        raise JobError(f"{what} {name}: no such home folder") from None
+
+
 def _is_hub_id(name: str) -> bool:
     return bool(HF_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
 def resolve_model(name: str, settings: Settings) -> ModelSource:
     """A local folder (confined) or a hub id downloaded into / read from the HF cache."""
-    local = Path(name).expanduser()
+    local = _local_path(name, "model path")
     if not _is_hub_id(name) or local.exists():
         path = confine(local, settings, "model path")
         if not path.is_dir():
@@ -93,6 +100,7 @@ def _download(repo_id: str, settings: Settings) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -106,6 +114,9 @@ def _download(repo_id: str, settings: Settings) -> Path:
         )
     except GatedRepoError:
         raise JobError(f"model {repo_id} is gated: accept its license and set HF_TOKEN") from None
+    except HFValidationError as exc:  # HF_ID is looser than the hub's rules ("--", "..")
+        reason = str(exc).splitlines()[0] if str(exc) else "refused by huggingface_hub"
+        raise JobError(f"model {repo_id} is not a valid Hugging Face id: {reason}") from None
     except RepositoryNotFoundError:
         raise JobError(f"model {repo_id} was not found on the Hugging Face hub") from None
     except LocalEntryNotFoundError:
@@ -142,7 +153,7 @@ def files_confined(files: list[Path], folder: Path) -> tuple[Path, ...]:
 
 def resolve_calibration(name: str, settings: Settings) -> CalibSource:
     """Local .txt/.jsonl file or folder (confined), or a Hugging Face dataset id."""
-    local = Path(name).expanduser()
+    local = _local_path(name, "calibration data")
     hub_name, _, config = name.partition(":")  # "org/name:config" picks a dataset config
     if _is_hub_id(hub_name) and not local.exists() and not name.endswith(TEXT_SUFFIXES):
         if settings.hf_offline:

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import RedisServer
 
 from nvfp4_admin.cli import cli
 from nvfp4_common.jobs import JobResult, JobState, Progress, Stage
 from nvfp4_common.queue import JobQueue
+from tests.conftest import RedisServer
 
 
 def run(redis_url: str, *args: str) -> Result:

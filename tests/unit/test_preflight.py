@@ -24,7 +24,7 @@ def meminfo(total_gib: float, available_gib: float) -> str:
     )
 
 
-# A 32B-class NVFP4 checkpoint on a 128 GB DGX Spark: 19.4 GB of weights (FACTS.md),
+# A 32B-class NVFP4 checkpoint on a 128 GB DGX Spark: 19.4 GB of weights,
 # Qwen3-32B KV: 64 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes = 256 KiB/token.
 KV_32B = 2 * 64 * 8 * 128 * 2
 W_32B = int(19.4e9)
