@@ -45,6 +45,9 @@ def test_worker_killed_during_calibration_is_retried_and_publishes_once(
     first.wait(10)
     child.wait(10)  # the job process dies with its worker
     assert q.get(job.id).state == JobState.RUNNING  # until the heartbeat times out
+    # A burst worker exits when nothing is queued: start it once the dead worker's
+    # heartbeat deadline has passed, so that it finds the job to re-queue.
+    time.sleep(job_settings.heartbeat_timeout_s + 0.5)
 
     start_worker("--burst")
     done = wait_for(q, job.id, ended)
