@@ -1,11 +1,12 @@
-"""Ray Serve LLM's OpenAI ingress, plus API keys and health routes.
+"""Ray Serve LLM's OpenAI ingress, plus API keys, health routes and clean errors.
 
 Ray builds the FastAPI app with the OpenAI routes (models, completions, chat,
 streaming) and hands it to the replica wrapper through `_set_asgi_app`; we add our
-routes and the key check to that app there, before its lifespan starts. Everything
-else is Ray's own code. Ray 2.60's ingress builder routes only its fixed endpoint
-map, so this hook is where extra routes can go without rebuilding the app; it is
-checked by tests/integration/test_serve.py against the installed Ray.
+routes, the key check and the 5xx scrubbing to that app there, before its lifespan
+starts. Everything else is Ray's own code. Ray 2.60's ingress builder routes only its
+fixed endpoint map, so this hook is where extra routes can go without rebuilding the
+app. It and `_get_response` (wrapped to end a broken stream with an error) are private
+to Ray: tests/integration/test_serve.py checks both against the installed Ray.
 """
 
 from __future__ import annotations

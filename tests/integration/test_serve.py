@@ -107,8 +107,9 @@ def test_production_refuses_to_build_without_keys(models: tuple[Path, Path]) -> 
 
 
 def test_the_private_ray_hooks_we_override_exist() -> None:
-    """Our ingress adds routes through `_set_asgi_app` and our engine class replaces
-    `_batch_output_stream`: private hooks of Ray 2.60 that an upgrade may rename."""
+    """Our ingress adds routes through `_set_asgi_app` and wraps `_get_response`, and our
+    engine class replaces `_batch_output_stream`: private hooks of Ray 2.60 that an
+    upgrade may rename."""
     code = (
         "import inspect\n"
         "from ray.serve._private.http_util import ASGIAppReplicaWrapper\n"
@@ -118,6 +119,9 @@ def test_the_private_ray_hooks_we_override_exist() -> None:
         "assert list(inspect.signature(LLMServer._batch_output_stream).parameters)"
         " == ['self', 'generator']\n"
         "assert LLMServer._get_batch_interval_ms\n"
+        "from ray.serve.llm.ingress import OpenAiIngress\n"
+        "assert {'body', 'call_method', 'raw_request'}"
+        " <= set(inspect.signature(OpenAiIngress._get_response).parameters)\n"
         "assert Ours._batch_output_stream is not LLMServer._batch_output_stream\n"
         "print('hooks ok')\n"
     )
