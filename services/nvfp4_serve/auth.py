@@ -94,10 +94,12 @@ def require_keys(store: KeyStore, env: str) -> None:
         logger.warning("serving WITHOUT API keys (development mode)")
 
 
-def error_body(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
+def error_body(
+    message: str, code: str, type_: str = "invalid_request_error", param: str | None = None
+) -> bytes:
     """OpenAI's error shape."""
     return json.dumps(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
     ).encode()
 
 

@@ -29,14 +29,14 @@ from ray.serve.llm.openai_api_models import (
 from starlette.exceptions import HTTPException
 
 from nvfp4_common.settings import get_settings
-from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, require_keys
+from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, error_body, require_keys
 from nvfp4_serve.errors import ScrubServerErrors, chat_messages_problem
 from nvfp4_serve.health import Readiness
 
 logger = logging.getLogger(__name__)
 
 
-async def _openai_http_error(request: Request, exc: Exception) -> JSONResponse:
+async def _openai_http_error(request: Request, exc: Exception) -> Response:
     """HTTPExceptions (unknown model, unknown route) in OpenAI's error shape.
 
     Ray's handlers already answer engine and validation errors this way; FastAPI's
@@ -49,9 +49,9 @@ async def _openai_http_error(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    body = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=status)
+def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
+    body = error_body(message, code, param=param)
+    return Response(body, status_code=status, media_type="application/json")
 
 
 class NVFP4Ingress(OpenAiIngress):
