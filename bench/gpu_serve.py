@@ -2,12 +2,19 @@
 OpenAI server, on the same GPU, checkpoint and engine settings.
 
 Streaming /v1/completions, a ~130-token text prompt, 128 generated tokens (`ignore_eos`),
-at concurrency 1 and 32: output tok/s, TTFT p50/p95 and start-up to first answer.
-Token counts come from the usage record (Ray Serve may pack tokens into one chunk).
-One server at a time; the plain server runs only if enough of `--deadline-s` is left.
+at concurrency 1 and 16 (`--concurrency`): output tok/s, TTFT p50/p95, start-up to first
+answer, and each endpoint's ratios to plain vLLM at the same concurrency. Token counts come
+from the usage record (Ray Serve may pack tokens into one chunk). One server at a time:
+ours, then plain vLLM, then each `--variant` (another configuration of ours, as in
+bench/serve_overhead.py: NAME=KEY=VALUE,...; upper-case keys are Ray cluster environment
+variables, others build_app args), each only if enough of `--deadline-s` is left.
+`--append` adds to an earlier run's JSON on the same machine (a second call when all do
+not fit one), reusing its plain-vLLM rows as the baseline.
 
     python3 bench/gpu_serve.py --model /tmp/models/published/X --ray-prefix /tmp/site \
         --out bench/results/gpu_serve.json
+    python3 bench/gpu_serve.py ... --append --skip-ours --skip-plain \
+        --variant batcher=first_chunk_now=false
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_vllm import CAPTURE_SIZES, engine_kwargs  # noqa: E402
+from serve_overhead import parse_variant  # noqa: E402
 
 from tests import serve_harness  # noqa: E402
 from tests.fixtures import text  # noqa: E402
@@ -139,15 +147,64 @@ def stop_proc(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+PLAIN = "plain vLLM OpenAI server"
+
+
 def bench_target(label: str, base: str, key: str | None, args: argparse.Namespace) -> list[dict]:
     prompt = text.corpus(460)
     rows = []
-    for conc, requests in ((1, 8), (32, 64)):
-        row = asyncio.run(load(base, key, conc, requests, args.tokens, prompt))
+    for conc in args.concurrency:
+        row = asyncio.run(load(base, key, conc, max(8, 4 * conc), args.tokens, prompt))
         row["target"] = label
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's throughput ratio and extra TTFT p50 against plain vLLM at its concurrency."""
+    plain = {r["concurrency"]: r for r in rows if r["target"] == PLAIN}
+    for r in rows:
+        p = plain.get(r["concurrency"])
+        if p is None or r is p:
+            continue
+        r["tok_s_ratio"] = round(r["tok_s"] / p["tok_s"], 3)
+        r["extra_ttft_p50_ms"] = round(r["ttft_p50_ms"] - p["ttft_p50_ms"], 1)
+
+
+def run_ours(
+    label: str,
+    env: dict[str, str],
+    app: dict[str, Any],
+    args: argparse.Namespace,
+    result: dict[str, Any],
+) -> None:
+    t0 = time.monotonic()
+    cluster = serve_harness.ServeCluster(
+        app_args={
+            "model": str(args.model),
+            "model_name": NAME,
+            "accelerator": "gpu",
+            "max_model_len": args.max_len,
+            "gpu_memory_utilization": 0.85,
+            "engine_kwargs": engine_kwargs(args.eager),
+            **app,
+        },
+        env={"NVFP4_SERVE_API_KEYS": json.dumps([API_KEY]), **env},
+        num_cpus=8,
+    )
+    try:
+        cluster.start(timeout_s=args.start_timeout_s)
+        result["startup_s"][label] = round(time.monotonic() - t0, 1)
+        result["rows"] += bench_target(label, cluster.base_url, API_KEY, args)
+    except Exception as exc:  # recorded, then the next server still runs
+        result["errors"][label] = f"{type(exc).__name__}: {str(exc)[-2500:]}"
+        logs = cluster.logs_text("*.log") if cluster.temp_dir else ""
+        tail = [x for x in logs.splitlines() if "Error" in x or "error" in x][-30:]
+        result["errors"][label + "_log"] = "\n".join(tail)[-4000:]
+        print(result["errors"], flush=True)
+    finally:
+        cluster.stop()
 
 
 def main() -> None:
@@ -155,12 +212,16 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--ray-prefix", type=Path, required=True, help="folder of bin/ray")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--start-timeout-s", type=float, default=420)
     parser.add_argument("--deadline-s", type=float, default=560)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[])
     parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--append", action="store_true", help="add to --out's earlier rows")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/gpu_serve.json")
     args = parser.parse_args()
     started = time.monotonic()
@@ -175,60 +236,54 @@ def main() -> None:
             "gpu_memory_utilization": 0.85,
             "generated_tokens": args.tokens,
         },
+        "variants": {},
         "rows": [],
         "startup_s": {},
         "errors": {},
     }
+    if args.append and args.out.exists():
+        result = json.loads(args.out.read_text())
+        result.setdefault("variants", {})
 
     def save() -> None:
+        add_ratios(result["rows"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    if not args.skip_ours:
-        t0 = time.monotonic()
-        cluster = serve_harness.ServeCluster(
-            app_args={
-                "model": str(args.model),
-                "model_name": NAME,
-                "accelerator": "gpu",
-                "max_model_len": args.max_len,
-                "gpu_memory_utilization": 0.85,
-                "engine_kwargs": engine_kwargs(args.eager),
-            },
-            env={"NVFP4_SERVE_API_KEYS": json.dumps([API_KEY])},
-            num_cpus=8,
-        )
-        try:
-            cluster.start(timeout_s=args.start_timeout_s)
-            result["startup_s"]["ours"] = round(time.monotonic() - t0, 1)
-            result["rows"] += bench_target(
-                "ours (Ray Serve build_app)", cluster.base_url, API_KEY, args
-            )
-        except Exception as exc:  # recorded, then the plain server still runs
-            result["errors"]["ours"] = f"{type(exc).__name__}: {str(exc)[-2500:]}"
-            logs = cluster.logs_text("*.log") if cluster.temp_dir else ""
-            tail = [x for x in logs.splitlines() if "Error" in x or "error" in x][-30:]
-            result["errors"]["ours_log"] = "\n".join(tail)[-4000:]
-            print(result["errors"], flush=True)
-        finally:
-            cluster.stop()
-        save()
-
-    left = args.deadline_s - (time.monotonic() - started)
-    if left < 200:
-        result["errors"]["plain"] = f"not run: only {left:.0f} s of the deadline left"
-    else:
-        t0 = time.monotonic()
+    def time_left(label: str) -> bool:
+        left = args.deadline_s - (time.monotonic() - started)
+        if left < 200:
+            result["errors"][label] = f"not run: only {left:.0f} s of the deadline left"
+            return False
         args.start_timeout_s = min(args.start_timeout_s, left - 60)
+        return True
+
+    servers: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+    if not args.skip_ours:
+        servers.append(("ours (Ray Serve build_app)", {}, {}))
+    if not args.skip_plain:
+        servers.append((PLAIN, {}, {}))
+    servers += [(f"ours: {name}", env, app) for name, env, app in args.variant]
+    for label, env, app in servers:
+        result["errors"].pop(label, None)  # an --append run may retry what did not fit before
+        if not time_left(label):
+            continue
+        if label != PLAIN:
+            result["variants"][label] = {"env": env, "args": app}
+            run_ours(label, env, app, args, result)
+            save()
+            continue
+        t0 = time.monotonic()
         try:
             proc, base = plain_vllm(args.model, args, args.log_dir / "vllm_server.log")
             result["startup_s"]["plain"] = round(time.monotonic() - t0, 1)
             try:
-                result["rows"] += bench_target("plain vLLM OpenAI server", base, None, args)
+                result["rows"] += bench_target(PLAIN, base, None, args)
             finally:
                 stop_proc(proc)
         except Exception as exc:
             result["errors"]["plain"] = f"{type(exc).__name__}: {str(exc)[-2500:]}"
+        save()
     save()
     print(json.dumps(result, indent=1), flush=True)
 

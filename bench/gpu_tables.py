@@ -119,19 +119,27 @@ def decode_table(v: dict[str, Any]) -> str:
 
 
 def serve_table(s: dict[str, Any]) -> str:
+    def ratio(r: dict[str, Any]) -> str | None:
+        return f"{r['tok_s_ratio']:.2f}x" if "tok_s_ratio" in r else None
+
+    def extra(r: dict[str, Any]) -> str | None:
+        return f"{r['extra_ttft_p50_ms']:+.1f}" if "extra_ttft_p50_ms" in r else None
+
     rows = [
         [
             r["target"],
             r["concurrency"],
             r["tok_s"],
+            ratio(r),
             r["ttft_p50_ms"],
+            extra(r),
             r["ttft_p95_ms"],
             r["per_request_tok_s"],
         ]
-        for r in s["rows"]
+        for r in sorted(s["rows"], key=lambda r: r["concurrency"])
     ]
-    header = ["endpoint", "concurrency", "output tok/s", "TTFT p50 ms", "TTFT p95 ms"]
-    out = _table([*header, "tok/s per request"], rows)
+    header = ["endpoint", "concurrency", "output tok/s", "vs plain", "TTFT p50 ms", "+ms"]
+    out = _table([*header, "TTFT p95 ms", "tok/s per request"], rows)
     starts = ", ".join(f"{k} {v} s" for k, v in s.get("startup_s", {}).items())
     if starts:
         out += f"\n\nStart to first answer: {starts}."

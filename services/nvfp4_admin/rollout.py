@@ -9,6 +9,8 @@ Blue-green (the default):
   2. Wait until the new application is RUNNING and its /readyz answers 200 through
      Serve's HTTP proxy, i.e. the model is loaded and can generate.
   3. PUT the final config: the new application on the main route, the old one left out.
+     The new application also answers to the old model's id (`model_aliases`), so a
+     client that read that id from /v1/models just before the switch gets no 404.
      Ray keeps the new application's replicas (only its route_prefix changed, which Ray
      applies by reconfiguring, not restarting, replicas) and removes the old application,
      whose replicas finish in-flight requests within their graceful_shutdown_timeout_s.
@@ -63,6 +65,7 @@ class Rollout:
         details = self.ray.serve_details()
         before = sc.current_body(details)
         live = sc.apps_on_route(details, self.opts.route_prefix)
+        new_app = sc.with_aliases(new_app, [sc.app_of(before, n) for n in live])
         name = new_app["name"]
         staged = {**new_app, "route_prefix": sc.staging_route(name)}
         stage_body = sc.replace_apps(before, remove=[], add=[staged])
@@ -99,6 +102,7 @@ class Rollout:
         details = self.ray.serve_details()
         before = sc.current_body(details)
         live = sc.apps_on_route(details, self.opts.route_prefix)
+        new_app = sc.with_aliases(new_app, [sc.app_of(before, n) for n in live])
         target = {**new_app, "route_prefix": self.opts.route_prefix}
         if live:
             target["name"] = live[0]

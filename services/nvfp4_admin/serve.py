@@ -104,7 +104,9 @@ def deploy(
     is down while it loads.
 
     The new application keeps the live one's builder arguments and deployment
-    overrides; only the model (and its served name) change. The config that was live
+    overrides; only the model (and its served name) change. Until the next deploy it
+    also answers to the replaced model's id (its answers carry the new id), so clients
+    that hold the old id, or read it just before the switch, get no 404. The config that was live
     before is remembered (in Redis) for `serve rollback`.
 
     On Kubernetes the RayService's serveConfigV2 (Helm value serve.modelPath) stays the

@@ -19,6 +19,7 @@ from typing import Any
 # checkpoint folder as the replicas see it, and the model id clients send.
 MODEL_ARG = "model"
 SERVED_NAME_ARG = "model_name"
+ALIASES_ARG = "model_aliases"
 AUTOSCALING_ARG = "autoscaling"
 # Where a new application waits, reachable through the proxy, before it takes traffic.
 STAGING_ROOT = "/_staging"
@@ -188,6 +189,30 @@ def scaled_app(
         dep["autoscaling_config"] = auto
         dep.pop("num_replicas", None)
     out["deployments"] = list(overrides.values())
+    return out
+
+
+def served_name(app: dict[str, Any]) -> str | None:
+    """The model id clients send to an application config (the rule of build_app's
+    ServeArgs.served_name); None when its builder args name no model."""
+    args = app.get("args") or {}
+    if args.get(SERVED_NAME_ARG):
+        return str(args[SERVED_NAME_ARG])
+    model = args.get(MODEL_ARG)
+    return str(model).rstrip("/").split("/")[-1] if model else None
+
+
+def with_aliases(app: dict[str, Any], replaced: list[dict[str, Any]]) -> dict[str, Any]:
+    """`app` also answering to the model ids of the applications it replaces.
+
+    A client that read the old id from /v1/models just before the route moved sends it to
+    the new application; without the alias that request would get a 404. The aliases last
+    until the next deploy, which replaces them with the ids of the app it replaces.
+    """
+    own = served_name(app)
+    names = sorted({n for a in replaced if (n := served_name(a)) and n != own})
+    out = copy.deepcopy(app)
+    out["args"] = {**(out.get("args") or {}), ALIASES_ARG: names}
     return out
 
 

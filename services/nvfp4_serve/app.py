@@ -153,6 +153,7 @@ def build_app_with(settings: Settings, args: dict[str, Any] | None) -> Applicati
                     if serve_args.api_key_file
                     else None,
                     "readiness_prompt": serve_args.readiness_prompt,
+                    "model_aliases": serve_args.model_aliases,
                 },
             },
         }

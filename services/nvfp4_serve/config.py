@@ -42,6 +42,11 @@ class ServeArgs(BaseModel):
     model_name: str | None = Field(
         None, description="Model id clients send; defaults to the folder/repo name."
     )
+    model_aliases: list[str] = Field(
+        default_factory=list,
+        description="Other model ids this app answers to (set by `nvfp4ctl serve deploy` to"
+        " the name of the model it replaces); answers carry the served name.",
+    )
     quantization: Literal["auto", "none", "modelopt_fp4", "modelopt"] = Field(
         "auto",
         description="vLLM quantization; auto reads hf_quant_config.json (NVFP4 -> modelopt_fp4,"

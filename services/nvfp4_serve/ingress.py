@@ -1,4 +1,5 @@
-"""Ray Serve LLM's OpenAI ingress, plus API keys, health routes and clean errors.
+"""Ray Serve LLM's OpenAI ingress, plus API keys, health routes, model aliases and clean
+errors.
 
 Ray builds the FastAPI app with the OpenAI routes (models, completions, chat,
 streaming) and hands it to the replica wrapper through `_set_asgi_app`; we add our
@@ -64,6 +65,7 @@ class NVFP4Ingress(OpenAiIngress):
         lora_paths: dict[str, str] | None = None,
         api_key_file: str | None = None,
         readiness_prompt: str = "Hello",
+        model_aliases: list[str] | None = None,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         # Keys are read here, in the replica, from its own environment and mounts:
@@ -76,6 +78,9 @@ class NVFP4Ingress(OpenAiIngress):
         require_keys(self._keys, settings.env)
         self._enforce_keys = self._keys.configured or settings.env == "production"
         self._probe_model = next(iter(model_cards))
+        # A client that read the old model's name just before a `serve deploy` switched
+        # the route sends it to this app; answering keeps the switch free of 404s.
+        self._aliases = {a: self._probe_model for a in model_aliases or () if a not in model_cards}
         self._probe_prompt = readiness_prompt
         self.readiness = Readiness(self._generate_one_token, self._engine_replicas)
         self.readiness.start()
@@ -83,10 +88,13 @@ class NVFP4Ingress(OpenAiIngress):
     async def _get_response(  # type: ignore[override]
         self, *, body: Any, call_method: str, raw_request: Request | None = None
     ) -> AsyncIterator[Any]:
-        """Ray's response stream, closed with an OpenAI error chunk when the engine
-        replica dies mid-stream. Without it the client sees a 200 stream that just
-        stops (no error, no [DONE] from the engine), which reads as a complete answer.
+        """Ray's response stream for `body` (a model alias resolved first), closed with an
+        OpenAI error chunk when the engine replica dies mid-stream. Without that chunk the
+        client sees a 200 stream that just stops (no error, no [DONE] from the engine),
+        which reads as a complete answer.
         """
+        if getattr(body, "model", None) in self._aliases:
+            body = body.model_copy(update={"model": self._aliases[body.model]})
         started = False
         try:
             async for response in super()._get_response(

@@ -30,6 +30,7 @@ pytestmark = [
 
 API_KEY = "sk-test-3f9a"
 MODEL = "tiny-nvfp4"
+OLD_NAME = "tiny-replaced"  # the id of a model this app replaced (an alias)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def cluster(models: tuple[Path, Path]) -> Iterator[ServeCluster]:
         app_args={
             "model": str(nvfp4),
             "model_name": MODEL,
+            "model_aliases": [OLD_NAME],
             "accelerator": "cpu",
             # 8192 asked, the model allows 1024: the app clamps instead of failing.
             "max_model_len": 8192,
@@ -162,6 +164,18 @@ def test_completion_and_chat(client: openai.OpenAI) -> None:
     )
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage.completion_tokens >= 1
+
+
+def test_an_alias_is_answered_under_the_served_id_and_not_listed(
+    client: openai.OpenAI,
+) -> None:
+    done = client.completions.create(model=OLD_NAME, prompt="Hello", max_tokens=2)
+    assert done.model == MODEL and done.usage.completion_tokens == 2
+    stream = client.chat.completions.create(
+        model=OLD_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True
+    )
+    assert {c.model for c in stream} == {MODEL}
+    assert [m.id for m in client.models.list().data] == [MODEL]
 
 
 def test_streaming_completion_and_chat(client: openai.OpenAI) -> None:

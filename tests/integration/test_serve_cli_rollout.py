@@ -51,10 +51,12 @@ def cluster(models: tuple[Path, Path]) -> Iterator[ServeCluster]:
 
 
 class Prober:
-    """Sends a small completion to whatever model is live, every 0.2 s, in a thread."""
+    """Sends a small completion every 0.2 s, in a thread: to whatever model /v1/models
+    lists just before, or always to the `pinned` model id, as a configured client does."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, pinned: str | None = None) -> None:
         self.base_url = base_url
+        self.pinned = pinned
         self.results: list[tuple[float, int | str, str | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -62,13 +64,15 @@ class Prober:
     def _run(self) -> None:
         with httpx.Client(base_url=self.base_url, timeout=60) as client:
             while not self._stop.is_set():
-                model = None
+                model = self.pinned
                 try:
-                    model = client.get("/v1/models").json()["data"][0]["id"]
+                    model = model or client.get("/v1/models").json()["data"][0]["id"]
                     r = client.post(
                         "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4}
                     )
-                    self.results.append((time.time(), r.status_code, model))
+                    # Which model answered: an alias is answered under the served id.
+                    answered = r.json().get("model") if r.status_code == 200 else None
+                    self.results.append((time.time(), r.status_code, answered))
                 except Exception as e:
                     self.results.append((time.time(), type(e).__name__, model))
                 time.sleep(0.2)
@@ -142,7 +146,9 @@ def test_deploy_from_a_job_scale_and_rollback_without_a_failed_request(
     )
     assert queue.succeed(job, "w", result)
 
-    with Prober(cluster.base_url) as prober:
+    # The pinned client keeps the first model's id through both switches: the new app
+    # answers to the id of the app it replaced.
+    with Prober(cluster.base_url) as prober, Prober(cluster.base_url, bf16.name) as pinned:
         ctl(cluster, redis_url, "serve", "deploy", "--job", job.id)
         time.sleep(2)
         assert nvfp4.name in ctl(cluster, redis_url, "serve", "status")
@@ -158,5 +164,7 @@ def test_deploy_from_a_job_scale_and_rollback_without_a_failed_request(
     assert bf16.name in status and nvfp4.name not in status
     assert len(prober.results) > 50
     assert prober.failures() == [], prober.failures()[:5]
+    assert pinned.failures() == [], pinned.failures()[:5]
     # Traffic moved to the new model and back, with no gap.
     assert prober.models_seen() == [bf16.name, nvfp4.name, bf16.name]
+    assert pinned.models_seen() == [bf16.name, nvfp4.name, bf16.name]

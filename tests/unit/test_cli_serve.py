@@ -280,6 +280,20 @@ def test_app_config_keeps_template_and_swaps_model() -> None:
     }
 
 
+def test_a_new_app_answers_to_the_ids_of_the_apps_it_replaces() -> None:
+    new = {"name": "n", "args": {sc.MODEL_ARG: "/models/b/", sc.ALIASES_ARG: ["stale"]}}
+    replaced = [
+        {"name": "a", "args": {sc.MODEL_ARG: "/models/a"}},
+        {"name": "c", "args": {sc.MODEL_ARG: "/models/c", sc.SERVED_NAME_ARG: "chat"}},
+        {"name": "same", "args": {sc.MODEL_ARG: "/other/b"}},  # its id is the new app's own
+        {"name": "from-settings", "args": {}},  # the replica's settings name it: unknown here
+    ]
+    out = sc.with_aliases(new, replaced)
+    assert out["args"] == {sc.MODEL_ARG: "/models/b/", sc.ALIASES_ARG: ["a", "chat"]}
+    assert new["args"][sc.ALIASES_ARG] == ["stale"]  # the input is not modified
+    assert sc.served_name(out) == "b"
+
+
 def test_engine_overrides_become_builder_args_when_the_model_changes() -> None:
     # After `serve scale`, the live app overrides its engine deployment, which Ray Serve LLM
     # names after the model: the new app has no such deployment.
@@ -446,11 +460,13 @@ def test_deploy_then_rollback_through_the_cli(
         sc.MODEL_ARG: "/models/new",
         "max_model_len": 4096,
         "enforce_eager": True,
+        sc.ALIASES_ARG: ["old"],  # clients holding the old id keep getting answers
     }
     out = _invoke(url, redis_url, "serve", "rollback")
     assert out.exit_code == 0, out.output
     (back,) = fake.details()["applications"].values()
     assert back["deployed_app_config"]["args"][sc.MODEL_ARG] == "/models/old"
+    assert back["deployed_app_config"]["args"][sc.ALIASES_ARG] == ["new"]
     assert back["route_prefix"] == "/"
     again = _invoke(url, redis_url, "serve", "rollback")
     assert again.exit_code == 1 and "nothing to roll back" in again.output
