@@ -99,6 +99,8 @@ BY_PATH: dict[str, Schema] = {
         "type": "array",
         "items": {"type": "string", "minLength": 16, "pattern": r"^\S+$"},
     },
+    # Sent in an HTTP Authorization header.
+    "secrets.rayAuthToken": {"type": "string", "pattern": r"^\S*$"},
     "redis.externalUrl": {"type": "string", "pattern": "^(rediss?://.+)?$"},
     "redis.appendfsync": {"enum": ["always", "everysec", "no"]},
     "worker.replicas": minimum(0),

@@ -61,6 +61,7 @@ def test_the_quantization_worker_settings_load_with_the_gpu_device(
     ]
     settings = settings_from(container_env(default, container), monkeypatch)
     assert settings.device == "cuda"
+    assert settings.cancel_grace_s == 100.0  # the 120 s grace period minus the margin
     assert settings.max_attempts == 3
     assert settings.heartbeat_timeout_s == 30.0
     assert settings.hf_offline is False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .chart import FULLNAME, Chart, Manifests
+import pytest
+
+from .chart import CHART, FULLNAME, Chart, Manifests
 
 WORKER = f"{FULLNAME}-worker"
 
@@ -77,6 +79,25 @@ def test_gives_a_running_job_120_seconds_to_stop_by_default(
     assert worker(default)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
     docs = chart.render({"worker": {"terminationGracePeriodSeconds": 600}})
     assert worker(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+
+
+@pytest.mark.parametrize(
+    ("grace_s", "job_s"),
+    [(120, "100"), (300, "280"), (30, "10"), (25, "5"), (10, "5"), (0, "5")],
+)
+def test_gives_a_running_job_the_grace_period_minus_the_margin(
+    chart: Chart, grace_s: int, job_s: str
+) -> None:
+    # The worker's stop after the job's time is up (SIGKILL, wait, delete partial output,
+    # re-queue) has the remaining 20 s; 5 s is the least a job gets to stop on its own.
+    docs = chart.render({"worker": {"terminationGracePeriodSeconds": grace_s}})
+    assert env(docs)["NVFP4_CANCEL_GRACE_S"]["value"] == job_s
+
+
+def test_gives_a_running_job_280_seconds_in_production(chart: Chart) -> None:
+    docs = chart.render(values_file=CHART / "values-prod.yaml")
+    grace = worker(docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert (grace, env(docs)["NVFP4_CANCEL_GRACE_S"]["value"]) == (300, "280")
 
 
 def test_never_surges_a_second_pod_onto_busy_gpus(default: Manifests) -> None:

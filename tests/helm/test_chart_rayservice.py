@@ -134,7 +134,8 @@ def test_keeps_serve_traffic_off_the_head(default: Manifests) -> None:
 
 
 def test_turns_on_ray_token_auth_unless_disabled(chart: Chart, default: Manifests) -> None:
-    assert cluster(default)["authOptions"] == {"mode": "token"}
+    # The token lives in the release's Secret (see test_chart_admin), not a per-cluster one.
+    assert cluster(default)["authOptions"] == {"mode": "token", "secretName": FULLNAME}
     docs = chart.render({"ray": {"authEnabled": False}})
     assert cluster(docs)["authOptions"] == {"mode": "disabled"}
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from .chart import FULLNAME, Chart, Manifests
 
@@ -43,11 +52,74 @@ def test_keeps_redis_data_on_a_volume(chart: Chart) -> None:
 
 
 def test_requires_the_password_from_the_secret(default: Manifests) -> None:
-    container = redis_container(default)
-    args = container["args"]
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    env = {e["name"]: e for e in container["env"]}
+    env = {e["name"]: e for e in redis_container(default)["env"]}
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == FULLNAME
+
+
+def test_keeps_the_password_off_the_command_line(default: Manifests) -> None:
+    container = redis_container(default)
+    command_line = json.dumps(container["command"] + container["args"])
+    # $(VAR) is expanded by the kubelet into the process's argv, visible to `ps`.
+    assert "$(" not in command_line
+    assert "requirepass" not in container["args"]
+    assert "--requirepass" not in command_line
+    # The config file with the password sits on a memory volume, not the data disk.
+    pod = default.get("StatefulSet", REDIS)["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "/run/redis/auth.conf" in container["command"][2]
+    assert volumes[mounts["/run/redis"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_rendered_redis_command_serves_only_clients_with_the_password(
+    default: Manifests, tmp_path: Path
+) -> None:
+    """Runs the container's command and readiness probe with the real redis-server, the
+    pod's volumes mapped to temporary folders and the port moved off 6379."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    container = redis_container(default)
+    run, data = tmp_path / "run", tmp_path / "data"
+    run.mkdir()
+    data.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [a.replace("/run/redis/", f"{run}/") for a in container["command"]]
+    argv += [str(data) if a == "/data" else a for a in container["args"]]
+    argv += ["--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    password = "Pass-word-123"
+    env = {"PATH": os.environ["PATH"], "REDIS_PASSWORD": password}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        shell, flag, script = container["readinessProbe"]["exec"]["command"]
+        probe = [shell, flag, script.replace("redis-cli", f"redis-cli -p {port}")]
+
+        def ready(auth: str) -> bool:
+            done = subprocess.run(probe, env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": auth})
+            return done.returncode == 0
+
+        deadline = time.monotonic() + 10
+        while not ready(password):
+            assert proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis never answered PONG"
+            time.sleep(0.1)
+        assert not ready("wrong-password")
+        assert not ready("")  # no password: NOAUTH
+        assert redis.Redis(port=port, password=password).config_get("appendonly") == {
+            "appendonly": "yes"
+        }
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+        assert (run / "auth.conf").stat().st_mode & 0o077 == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_pins_an_exact_redis_release(default: Manifests) -> None:
+    image = redis_container(default)["image"]
+    assert re.fullmatch(r"docker\.io/library/redis:\d+\.\d+\.\d+(-[a-z0-9.]+)?", image), image
 
 
 def test_every_client_reaches_the_built_in_redis_by_its_service(default: Manifests) -> None:

@@ -37,6 +37,8 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
         ("secrets.redisPassword", "p@ss/word"),
         ("secrets.apiKeys", "one-key-as-a-string"),
         ("secrets.apiKeys", ["short"]),
+        ("secrets.rayAuthToken", "two words"),
+        ("admin.rbac.create", "yes"),
         ("persistence.models.size", "lots"),
         ("persistence.models.accessModes", ["ReadWriteSometimes"]),
         ("ingress.hosts", [{"host": "a.example.com", "paths": [{"path": "api"}]}]),

@@ -74,8 +74,10 @@ def test_generates_credentials_instead_of_shipping_defaults(chart: Chart) -> Non
     first, second = secrets
     assert len(first["redis-password"]) == 32 and first["redis-password"].isalnum()
     assert len(first["api-keys"]) == 40
+    assert len(first["auth_token"]) == 40
     assert first["redis-password"] != second["redis-password"]
     assert first["api-keys"] != second["api-keys"]
+    assert first["auth_token"] != second["auth_token"]
     assert "hf-token" not in first
 
 
@@ -92,6 +94,7 @@ def test_stores_given_credentials(chart: Chart) -> None:
             "redisPassword": "Redis-pass-0123456789",
             "apiKeys": ["first-key-0123456789", "second-key-0123456789"],
             "hfToken": "hf_token_value",
+            "rayAuthToken": "ray-token-0123456789",
         }
     }
     data = decoded(chart.render(values).get("Secret", FULLNAME))
@@ -99,6 +102,7 @@ def test_stores_given_credentials(chart: Chart) -> None:
         "redis-password": "Redis-pass-0123456789",
         "api-keys": "first-key-0123456789\nsecond-key-0123456789",
         "hf-token": "hf_token_value",
+        "auth_token": "ray-token-0123456789",
     }
 
 

@@ -23,6 +23,11 @@
 {{- include "nvfp4.fullname" . | trunc 40 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The worker Deployment: the admin toolbox's Role and `nvfp4ctl workers scale` name it. */}}
+{{- define "nvfp4.workerDeploymentName" -}}
+{{- printf "%s-worker" (include "nvfp4.fullname" .) }}
+{{- end }}
+
 {{/* Call with (dict "ctx" $ "component" "worker"). */}}
 {{- define "nvfp4.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "nvfp4.name" .ctx }}
@@ -45,6 +50,11 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 
 {{- define "nvfp4.secretName" -}}
 {{- .Values.secrets.existingSecret | default (include "nvfp4.fullname" .) }}
+{{- end }}
+
+{{/* KubeRay reads the Ray token from this key of authOptions.secretName; it is not configurable. */}}
+{{- define "nvfp4.rayAuthTokenKey" -}}
+auth_token
 {{- end }}
 
 {{- define "nvfp4.serviceAccountName" -}}
