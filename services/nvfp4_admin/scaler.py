@@ -38,13 +38,25 @@ def worker_deployment_name(release: str, chart: str = "nvfp4-stack") -> str:
 # --- Docker Compose -----------------------------------------------------------------------
 
 
-def scale_compose(project: str, service: str, replicas: int, stop_timeout_s: int) -> ScaleResult:
+def scale_compose(
+    project: str, service: str, replicas: int, stop_timeout_s: int, max_replicas: int
+) -> ScaleResult:
     """Scale a compose service the way `docker compose up --scale` does.
 
     Extra containers are clones of an existing one (same image, command, environment,
     mounts, devices and networks), numbered after the highest; surplus ones are stopped
-    from the highest number down and removed.
+    from the highest number down and removed. More than `max_replicas` is refused before
+    Docker is asked anything: every clone reserves the same GPU (compose's device
+    reservation does not make it exclusive), and the node's memory split holds one
+    quantization job beside serving, not two.
     """
+    if replicas > max_replicas:
+        raise ScaleError(
+            f"refusing to run {replicas} compose workers: NVFP4_COMPOSE_MAX_WORKERS is"
+            f" {max_replicas}, because compose workers share one GPU with serving and its"
+            " memory split fits one job at a time; raise NVFP4_COMPOSE_MAX_WORKERS in .env"
+            " if the GPU has memory for more"
+        )
     try:
         import docker
         from docker.errors import DockerException

@@ -79,7 +79,9 @@ def scale(
             name = deployment or worker_deployment_name(s.helm_release)
             result = scale_kubernetes(s.k8s_namespace, name, replicas)
         else:
-            result = scale_compose(s.compose_project, s.worker_service, replicas, stop_timeout)
+            result = scale_compose(
+                s.compose_project, s.worker_service, replicas, stop_timeout, s.compose_max_workers
+            )
     except ScaleError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{result.target}: {result.before} -> {result.after} worker(s)")

@@ -23,6 +23,7 @@ ray start --head --port="$gcs_port" \
   --object-store-memory="${RAY_OBJECT_STORE_BYTES:-2147483648}" \
   --disable-usage-stats ${RAY_START_ARGS:-}
 
+# shellcheck disable=SC2329  # invoked by the trap below
 stop() {
   echo "stopping Ray Serve and Ray"
   serve shutdown --address "$dashboard" -y || true

@@ -4,10 +4,12 @@ No registry is reachable here, so scripts/build-admin-image.sh builds the Docker
 unchanged from a local Debian bookworm base (debootstrap, cached under .data/) instead of
 python:3.11-slim: the base is the Dockerfile's BASE_IMAGE build argument. pip inside the
 build reaches PyPI. Minutes on the first run (debootstrap), about one to two after.
+The script leaves a record of the build in bench/results/admin-image.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "localhost/nvfp4-admin:test"
+RECORD = ROOT / "bench" / "results" / "admin-image.json"
 RUN = ["podman", "run", "--rm", "--runtime", "runc", "--network", "none"]
 RUN += ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
@@ -35,7 +38,7 @@ def built() -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
         [str(ROOT / "scripts" / "build-admin-image.sh")],
         cwd=ROOT,
-        env={**os.environ, "NVFP4_IMAGE_TAG": TAG},
+        env={**os.environ, "NVFP4_IMAGE_TAG": TAG, "NVFP4_IMAGE_RECORD": str(RECORD)},
         capture_output=True,
         text=True,
     )
@@ -74,3 +77,21 @@ def test_no_layer_holds_the_proxy_ca_or_an_env_file(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_build_is_recorded(built: subprocess.CompletedProcess[str]) -> None:
+    """The record names this revision and the image just built, as podman sees it."""
+    record = json.loads(RECORD.read_text())
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert record["revision"] == head
+    inspect = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}} {{.Size}}", TAG],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert [record["image_id"], str(record["size_bytes"])] == inspect
+    assert record["build_seconds"] >= 0 and record["base"].startswith("localhost/")
+    assert record["help_head"][0].startswith("Usage: nvfp4ctl")

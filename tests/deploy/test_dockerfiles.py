@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = {
@@ -21,6 +22,7 @@ DOCKERFILES = {
     for name in ("serve", "worker", "admin")
 }
 HADOLINT = Path(sys.executable).parent / "hadolint"
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)$")
 
 
 def _arg_default(text: str, name: str) -> str:
@@ -118,6 +120,79 @@ def test_dockerignore_keeps_secrets_and_environments_out_of_the_context() -> Non
     assert patterns[0] == "*"  # an allowlist: anything new stays out until named
     allowed = [p[1:] for p in patterns if p.startswith("!")]
     assert set(allowed) <= {"pyproject.toml", "README.md", "services/"}, allowed
+
+
+def _pip_installs(text: str) -> list[str]:
+    """Each `pip install ...` of the Dockerfile, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [cmd for cmd in re.split(r"&&|;|\n", joined) if "pip install " in cmd]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _constraints(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            match = PIN.match(line.strip())
+            assert match, f"{path.name}: not an exact pin: {line!r}"
+            pins[_norm(match.group(1))] = match.group(2)
+    return pins
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_every_dependency_install_uses_the_committed_constraints(name: str) -> None:
+    """An image rebuilt later gets the same versions: every pip install that resolves
+    dependencies names constraints.txt beside the Dockerfile (or its copy in the image)."""
+    text = DOCKERFILES[name].read_text()
+    committed = f"services/nvfp4_{name}/constraints.txt"
+    copies = re.findall(rf"^COPY {re.escape(committed)} (\S+)$", text, re.MULTILINE)
+    accepted = {committed, *(dest.removeprefix("./") for dest in copies)}
+    installs = [cmd for cmd in _pip_installs(text) if "--no-deps" not in cmd and "pip==" not in cmd]
+    assert installs, "no pip install of dependencies found"
+    for cmd in installs:
+        used = {c.removeprefix("./") for c in re.findall(r"-c (\S+)", cmd)}
+        assert used & accepted, f"pip install without {committed}: {cmd}"
+    assert _constraints(ROOT / committed)
+
+
+@pytest.mark.parametrize(
+    ("name", "own_pins"), [("serve", {"ray"}), ("worker", {"nvidia-modelopt"})]
+)
+def test_constraints_leave_the_base_image_stack_and_build_args_alone(
+    name: str, own_pins: set[str]
+) -> None:
+    """Two pins of one package make pip fail (ResolutionImpossible): the constraints file
+    must not name what the build keeps from the base image or pins by build argument."""
+    text = DOCKERFILES[name].read_text()
+    (kept,) = re.findall(r"grep -iE '\^\(([^)]+)\)=='", text)
+    from_base = {_norm(n) for n in kept.split("|")}
+    from_base |= {_norm(n) for n in re.findall(r'echo "([\w-]+)==', text)}
+    assert {"torch", "numpy"} <= from_base
+    by_arg = {_norm(n) for n in re.findall(r'"([\w.-]+)(?:\[[^]]*\])?==\$\{', text)}
+    assert by_arg == own_pins
+    pinned = set(_constraints(ROOT / "services" / f"nvfp4_{name}" / "constraints.txt"))
+    assert not pinned & (from_base | by_arg)
+
+
+def test_ray_version_is_one_across_serve_image_makefile_and_chart() -> None:
+    """The serve image's Ray is the Ray the chart tells KubeRay (rayVersion) and the Ray the
+    tests here run (.venv-serve); `make images` passes RAY_VERSION to the build."""
+    image = _arg_default(DOCKERFILES["serve"].read_text(), "RAY_VERSION")
+    makefile = (ROOT / "Makefile").read_text()
+    make_version = re.search(r"^RAY_VERSION\s*\?=\s*(\S+)$", makefile, re.MULTILINE)
+    make_spec = re.search(r"^RAY_SPEC\s*\?=\s*ray\[serve\]==(\S+)$", makefile, re.MULTILINE)
+    values = yaml.safe_load((ROOT / "helm" / "nvfp4-stack" / "values.yaml").read_text())
+    assert make_version and make_spec
+    versions = {
+        "serve Dockerfile RAY_VERSION": image,
+        "Makefile RAY_VERSION": make_version.group(1),
+        "Makefile RAY_SPEC": make_spec.group(1),
+        "values.yaml ray.version": str(values["ray"]["version"]),
+    }
+    assert len(set(versions.values())) == 1, versions
 
 
 def test_serve_entrypoint_is_valid_bash() -> None:

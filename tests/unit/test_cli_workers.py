@@ -192,7 +192,11 @@ def test_compose_scale_up_clones_and_down_stops_gracefully(fake_docker: FakeDock
     fake_docker.add("nvfp4-stack", "worker", 2, running=False)
     fake_docker.add("nvfp4-stack", "serve", 1)
     fake_docker.add("other", "worker", 1)
-    env = {"NVFP4_COMPOSE_PROJECT": "nvfp4-stack", "NVFP4_REDIS_URL": "redis://127.0.0.1:9/0"}
+    env = {
+        "NVFP4_COMPOSE_PROJECT": "nvfp4-stack",
+        "NVFP4_REDIS_URL": "redis://127.0.0.1:9/0",
+        "NVFP4_COMPOSE_MAX_WORKERS": "4",
+    }
     out = CliRunner().invoke(cli, ["workers", "scale", "4", "--mode", "compose"], env=env)
     assert out.exit_code == 0, out.output
     assert "compose nvfp4-stack/worker: 1 -> 4 worker(s)" in out.output
@@ -228,9 +232,30 @@ def test_compose_scale_up_clones_and_down_stops_gracefully(fake_docker: FakeDock
     )
 
 
+def test_compose_refuses_a_second_worker_on_the_shared_gpu(fake_docker: FakeDocker) -> None:
+    """One GPU beside serving runs one job at a time: a second compose worker is refused
+    in one line that names the setting, before any container is touched."""
+    fake_docker.add("nvfp4-stack", "worker", 1)
+    fake_docker.add("nvfp4-stack", "worker", 2, running=False)
+    before = json.dumps(fake_docker.containers, sort_keys=True)
+    out = CliRunner().invoke(cli, ["workers", "scale", "2", "--mode", "compose"])
+    assert out.exit_code == 1
+    assert out.output.startswith("Error: refusing to run 2 compose workers:")
+    assert "NVFP4_COMPOSE_MAX_WORKERS is 1" in out.output and out.output.count("\n") == 1
+    assert json.dumps(fake_docker.containers, sort_keys=True) == before
+    # Lifted by the setting; scaling back down is always allowed.
+    lifted = {"NVFP4_COMPOSE_MAX_WORKERS": "2"}
+    out = CliRunner().invoke(cli, ["workers", "scale", "2", "--mode", "compose"], env=lifted)
+    assert out.exit_code == 0, out.output
+    assert _names(fake_docker) == ["/nvfp4-stack-worker-1", "/nvfp4-stack-worker-2"]
+    out = CliRunner().invoke(cli, ["workers", "scale", "1", "--mode", "compose"])
+    assert out.exit_code == 0, out.output
+    assert _names(fake_docker) == ["/nvfp4-stack-worker-1"]
+
+
 def test_compose_without_containers_says_what_to_do(fake_docker: FakeDocker) -> None:
     out = CliRunner().invoke(
-        cli, ["workers", "scale", "2", "--mode", "compose"], env={"NVFP4_COMPOSE_PROJECT": "absent"}
+        cli, ["workers", "scale", "1", "--mode", "compose"], env={"NVFP4_COMPOSE_PROJECT": "absent"}
     )
     assert out.exit_code == 1
     assert "no containers of service 'worker' in compose project 'absent'" in out.output
@@ -238,7 +263,7 @@ def test_compose_without_containers_says_what_to_do(fake_docker: FakeDocker) -> 
 
 def test_compose_without_engine_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", "unix:///tmp/no-such-docker.sock")
-    out = CliRunner().invoke(cli, ["workers", "scale", "2", "--mode", "compose"])
+    out = CliRunner().invoke(cli, ["workers", "scale", "1", "--mode", "compose"])
     assert out.exit_code == 1 and out.output.startswith("Error: cannot reach the Docker engine")
     assert out.output.count("\n") == 1
 
@@ -327,6 +352,7 @@ def test_kubernetes_scale_patches_the_release_worker(fake_kubernetes: FakeKubern
         "NVFP4_HELM_RELEASE": "prod",
         "NVFP4_K8S_NAMESPACE": "nvfp4",
     }
+    # 3 > NVFP4_COMPOSE_MAX_WORKERS (1): that limit is for one compose node, not a cluster.
     out = CliRunner().invoke(cli, ["workers", "scale", "3"], env=env)
     assert out.exit_code == 0, out.output
     assert "deployment nvfp4/prod-nvfp4-stack-worker: 1 -> 3 worker(s)" in out.output
