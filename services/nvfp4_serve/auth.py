@@ -18,7 +18,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Probes and the docs stay open: a kubelet has no API key.
+# Only the probes stay open: a kubelet has no API key. /docs and /openapi.json need one.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 Scope = MutableMapping[str, Any]

@@ -34,7 +34,8 @@ class AutoscalingArgs(BaseModel):
 
 
 class ServeArgs(BaseModel):
-    """Everything build_app needs; each field defaults from the matching serve_ setting."""
+    """Everything build_app needs; each field but model_aliases defaults from the matching
+    serve_ setting."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -110,6 +111,9 @@ def args_from_settings(settings: Settings) -> dict[str, Any]:
         "unified_memory": settings.serve_unified_memory,
         "memory_overhead_gb": settings.serve_memory_overhead_gb,
         "readiness_prompt": settings.serve_readiness_prompt,
+        "quantization": settings.serve_quantization,
+        "stream_batching_interval_ms": settings.serve_stream_batching_interval_ms,
+        "first_chunk_now": settings.serve_first_chunk_now,
     }
     if settings.serve_model:
         out["model"] = settings.serve_model

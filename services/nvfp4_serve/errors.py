@@ -3,7 +3,10 @@
 Ray Serve LLM answers an exception raised in an engine replica with a 500 whose
 message is the whole remote traceback (file paths, library versions, code). That
 helps an attacker more than a client, so 5xx bodies are replaced by a short message
-with the request id; the full text goes to the server log under the same id.
+with the request id; the full text goes to the server log under the same id. Its 4xx
+bodies (engine-side checks such as max_tokens < 1) name the exception class as `type`,
+carry an integer `code` and wrap the reason in "Message: ..., Internal exception: ...";
+they are rewritten into OpenAI's shape with the reason alone.
 
 Requests that the engine would turn into such a 500 are refused up front with a 400
 instead, where we can name the problem (see `chat_messages_problem`).
@@ -11,6 +14,7 @@ instead, where we can name the problem (see `chat_messages_problem`).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -21,6 +25,15 @@ from nvfp4_serve.auth import ASGIApp, Scope, error_body
 logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"Request ID: ([0-9A-Za-z-]+)")
+# Ray Serve LLM's wording of a client error (ray.llm ... server_utils.get_response_for_error).
+_RAY_REASON = re.compile(
+    r"^Message: (?P<reason>.*?)(?: \(Request ID: [^)]*\))?, Internal exception: ", re.S
+)
+_RAY_PARAM = re.compile(r"\(parameter=(?P<param>[\w.\[\]]+)")
+OPENAI_ERROR_TYPES = frozenset(
+    {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+     "rate_limit_error", "server_error", "api_error"}
+)  # fmt: skip
 
 
 def chat_messages_problem(messages: Iterable[Any]) -> str | None:
@@ -36,6 +49,24 @@ def chat_messages_problem(messages: Iterable[Any]) -> str | None:
     return None
 
 
+def validation_error_body(errors: list[dict[str, Any]]) -> bytes:
+    """A request that fails the schema, as OpenAI words it: one line, `param` the field.
+
+    Ray's own handler puts pydantic's error kind ("missing") in `type` and the offending
+    input, possibly the whole request body, in `param`.
+    """
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "malformed JSON")
+        return error_body(f"request body is not valid JSON: {reason}", "invalid_json")
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(where) or None
+    message = " ".join(str(first.get("msg", "invalid request")).split())
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    text = f"{param}: {message}{more}" if param else f"{message}{more}"
+    return error_body(text, "invalid_value", param=param)
+
+
 def _request_id(scope: Scope, text: str) -> str:
     for name, value in scope.get("headers", []):
         if name.lower() == b"x-request-id":
@@ -44,8 +75,31 @@ def _request_id(scope: Scope, text: str) -> str:
     return found.group(1) if found else "unknown"
 
 
-class ScrubServerErrors:
-    """Pure ASGI middleware: buffers only responses with a 5xx status."""
+def client_error_body(status: int, original: str, request_id: str) -> bytes | None:
+    """Ray's 4xx body in OpenAI's shape, or None when it already has that shape."""
+    try:
+        error = json.loads(original)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    if error.get("type") in OPENAI_ERROR_TYPES and not isinstance(error.get("code"), int):
+        return None
+    text = str(error.get("message", ""))
+    found = _RAY_REASON.match(text)
+    reason = " ".join((found.group("reason") if found else text).split()) or f"HTTP {status}"
+    param = _RAY_PARAM.search(reason)
+    code = {400: "invalid_value", 404: "not_found", 413: "too_large"}.get(status, str(status))
+    return error_body(
+        f"{reason} (request id {request_id})", code, param=param.group("param") if param else None
+    )
+
+
+class OpenAIErrorBodies:
+    """Pure ASGI middleware: 5xx bodies scrubbed, Ray's 4xx bodies in OpenAI's shape.
+
+    Buffers only responses with an error status; streams (200) pass untouched.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -59,7 +113,7 @@ class ScrubServerErrors:
 
         async def send_scrubbed(message: dict[str, Any]) -> None:
             nonlocal start
-            if message["type"] == "http.response.start" and message["status"] >= 500:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
                 start = message
                 return
             if start is None or message["type"] != "http.response.body":
@@ -68,14 +122,23 @@ class ScrubServerErrors:
             chunks.append(message.get("body", b""))
             if message.get("more_body"):
                 return
-            original = b"".join(chunks).decode(errors="replace")
+            raw = b"".join(chunks)
+            original = raw.decode(errors="replace")
             request_id = _request_id(scope, original)
-            logger.error("request %s answered %d: %s", request_id, start["status"], original)
-            body = error_body(
-                f"internal server error (request id {request_id}); the server log has details",
-                code=str(start["status"]),
-                type_="server_error",
-            )
+            if start["status"] < 500:
+                cleaned = client_error_body(start["status"], original, request_id)
+                if cleaned is None:  # already OpenAI's shape, or not JSON: as it was
+                    await send(start)
+                    await send({"type": "http.response.body", "body": raw})
+                    return
+                body = cleaned
+            else:
+                logger.error("request %s answered %d: %s", request_id, start["status"], original)
+                body = error_body(
+                    f"internal server error (request id {request_id}); the server log has details",
+                    code=str(start["status"]),
+                    type_="server_error",
+                )
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in
                        (b"content-length", b"content-type")]  # fmt: skip
             headers += [(b"content-type", b"application/json"),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.llm.ingress import OpenAiIngress
@@ -31,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from nvfp4_common.settings import get_settings
 from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, error_body, require_keys
-from nvfp4_serve.errors import ScrubServerErrors, chat_messages_problem
+from nvfp4_serve.errors import OpenAIErrorBodies, chat_messages_problem, validation_error_body
 from nvfp4_serve.health import Readiness
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,21 @@ logger = logging.getLogger(__name__)
 async def _openai_http_error(request: Request, exc: Exception) -> Response:
     """HTTPExceptions (unknown model, unknown route) in OpenAI's error shape.
 
-    Ray's handlers already answer engine and validation errors this way; FastAPI's
-    default would answer {"detail": ...}, which OpenAI clients do not parse.
+    Ray's handlers already answer engine errors this way (validation errors:
+    `_openai_validation_error`); FastAPI's default would answer {"detail": ...}, which
+    OpenAI clients do not parse.
     """
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     response = _error(exc.status_code, str(exc.detail), code or str(exc.status_code))
     response.headers.update(exc.headers or {})
     return response
+
+
+async def _openai_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    body = validation_error_body(list(exc.errors()))
+    return Response(body, status_code=400, media_type="application/json")
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
@@ -168,7 +176,8 @@ class NVFP4Ingress(OpenAiIngress):
             app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
             app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
             app.add_exception_handler(HTTPException, _openai_http_error)
-            app.add_middleware(ScrubServerErrors)
+            app.add_exception_handler(RequestValidationError, _openai_validation_error)
+            app.add_middleware(OpenAIErrorBodies)
             # Added last, so it is the outermost layer: a request without a valid key
             # reaches none of Ray's handlers.
             app.add_middleware(ApiKeyMiddleware, store=self._keys, enforce=self._enforce_keys)

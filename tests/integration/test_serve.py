@@ -39,13 +39,22 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def cluster(models: tuple[Path, Path]) -> Iterator[ServeCluster]:
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mounted secret's stand-in: the replica reads it as it would a Kubernetes Secret."""
+    path = tmp_path_factory.mktemp("secrets") / "api-keys"
+    path.write_text("# rotated by the operator\nsk-file-1\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(models: tuple[Path, Path], key_file: Path) -> Iterator[ServeCluster]:
     _, nvfp4 = models
     c = ServeCluster(
         app_args={
             "model": str(nvfp4),
             "model_name": MODEL,
             "model_aliases": [OLD_NAME],
+            "api_key_file": str(key_file),
             "accelerator": "cpu",
             # 8192 asked, the model allows 1024: the app clamps instead of failing.
             "max_model_len": 8192,
@@ -106,6 +115,134 @@ def test_production_refuses_to_build_without_keys(models: tuple[Path, Path]) -> 
     )
     assert out.returncode != 0
     assert "production serving needs API keys" in out.stderr
+
+
+# One interpreter for every case: importing Ray Serve LLM takes most of the time. The
+# meminfo text stands in for /proc/meminfo: the preflight must be tested against a host
+# that is short of memory, which this one is not.
+BUILD_CASES = """
+import json, sys
+import nvfp4_serve.app as app
+from nvfp4_common.settings import Settings
+from nvfp4_serve.config import load_args
+from nvfp4_serve.preflight import PreflightError
+
+model = sys.argv[1]
+GIB = 1024**3
+
+def meminfo(available_gib):
+    text = f"MemTotal: {64 * GIB // 1024} kB\\n"
+    text += f"MemAvailable: {int(available_gib * GIB) // 1024} kB\\n"
+    return lambda: text
+
+def config(settings, args):
+    serve_args = load_args(settings, args)
+    ckpt = app.inspect_checkpoint(app.resolve_local(serve_args.model))
+    c = app.llm_config(serve_args, ckpt)
+    return {
+        "engine": c.engine_kwargs,
+        "deployment": c.deployment_config,
+        "experimental": c.experimental_configs,
+        "server_cls": str(c.server_cls) if c.server_cls else None,
+        "accelerator": c.accelerator_config.model_dump() if c.accelerator_config else None,
+        "model_id": c.model_id,
+    }
+
+def outcome(settings, args):
+    try:
+        app.build_app_with(settings, args)
+        return None
+    except (PreflightError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+
+plain = Settings(_env_file=None)
+app.read_meminfo = meminfo(48)
+results = {
+    "cpu": config(plain, {"model": model, "accelerator": "cpu", "max_model_len": 8192}),
+    "gpu": config(plain, {
+        "model": model, "model_name": "m", "accelerator": "gpu", "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.5, "quantization": "none", "first_chunk_now": False,
+        "autoscaling": {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8},
+        "engine_kwargs": {"enforce_eager": True},
+    }),
+    "settings": config(
+        Settings(_env_file=None, serve_stream_batching_interval_ms=0, serve_first_chunk_now=False,
+                 serve_num_replicas=3),
+        {"model": model, "accelerator": "cpu"},
+    ),
+}
+app.read_meminfo = meminfo(0.5)
+results["short_cpu"] = outcome(plain, {"model": model, "accelerator": "cpu"})
+results["short_discrete_gpu"] = outcome(plain, {"model": model, "accelerator": "gpu"})
+results["short_spark"] = outcome(
+    plain, {"model": model, "accelerator": "gpu", "unified_memory": True}
+)
+results["short_preflight_off"] = outcome(
+    plain, {"model": model, "accelerator": "cpu", "preflight": False}
+)
+app.read_meminfo = meminfo(48)
+results["spark_share_too_big"] = outcome(
+    plain,
+    {"model": model, "accelerator": "gpu", "unified_memory": True, "gpu_memory_utilization": 0.9},
+)
+print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+def test_build_app_maps_args_and_settings_onto_ray_serve_llm_and_runs_the_preflight(
+    models: tuple[Path, Path],
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVFP4_")}
+    out = subprocess.run(
+        [str(SERVE_PYTHON), "-c", BUILD_CASES, str(models[1])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULTS ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    r = json.loads(lines[0][len("RESULTS ") :])
+
+    cpu = r["cpu"]
+    assert cpu["engine"]["quantization"] == "modelopt_fp4"  # read from hf_quant_config.json
+    assert cpu["engine"]["max_model_len"] == 1024  # 8192 clamped to the model's limit
+    assert "gpu_memory_utilization" not in cpu["engine"]
+    assert cpu["accelerator"]["kind"] == "cpu"
+    assert cpu["deployment"]["num_replicas"] == 1
+    assert cpu["server_cls"] and "nvfp4_serve.server" in cpu["server_cls"]
+    assert cpu["experimental"]["stream_batching_interval_ms"] == 50
+
+    gpu = r["gpu"]
+    assert gpu["model_id"] == "m"
+    assert gpu["engine"]["tensor_parallel_size"] == 2
+    assert gpu["engine"]["gpu_memory_utilization"] == 0.5
+    assert gpu["engine"]["enforce_eager"] is True
+    assert "quantization" not in gpu["engine"]
+    assert gpu["deployment"]["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 4,
+        "target_ongoing_requests": 8,
+    }
+    assert "num_replicas" not in gpu["deployment"]
+    assert gpu["server_cls"] is None  # first_chunk_now off: Ray's own LLMServer
+
+    assert r["settings"]["experimental"]["stream_batching_interval_ms"] == 0
+    assert r["settings"]["server_cls"] is None
+    assert r["settings"]["deployment"]["num_replicas"] == 3
+
+    # Short of memory: CPU serving and a Spark's shared memory are refused with numbers
+    # and a way out; a discrete GPU has its own memory, which vLLM checks itself.
+    for case in ("short_cpu", "short_spark"):
+        assert r[case].startswith("PreflightError: model does not fit: needs"), r[case]
+        assert "available 0.50 GiB of 64.00 GiB" in r[case]
+        assert "free memory" in r[case]
+    assert r["short_discrete_gpu"] is None
+    assert r["short_preflight_off"] is None
+    assert r["spark_share_too_big"].startswith(
+        "PreflightError: gpu_memory_utilization=0.9 would claim 57.60 GiB"
+    ), r["spark_share_too_big"]
+    assert "use gpu_memory_utilization between" in r["spark_share_too_big"]
 
 
 def test_the_private_ray_hooks_we_override_exist() -> None:
@@ -200,6 +337,22 @@ def test_api_keys_are_required(cluster: ServeCluster) -> None:
     assert set(r.json()["error"]) >= {"message", "type", "code"}
 
 
+def test_keys_from_the_mounted_file_work_and_a_rotation_takes_effect(
+    cluster: ServeCluster, key_file: Path
+) -> None:
+    def status(key: str) -> int:
+        r = httpx.get(
+            f"{cluster.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+        return r.status_code
+
+    assert status("sk-file-1") == 200 and status(API_KEY) == 200  # file and settings keys
+    key_file.write_text("sk-file-2\n")  # rotated: the old file key stops working at once
+    assert status("sk-file-2") == 200
+    assert status("sk-file-1") == 401
+    assert status(API_KEY) == 200
+
+
 BAD_REQUESTS = [
     ("/v1/completions", b'{"model": "tiny", "prompt": ', 400),  # malformed JSON
     ("/v1/chat/completions", json.dumps({"model": MODEL}).encode(), 400),  # no messages
@@ -237,7 +390,9 @@ def test_bad_input_gets_an_openai_error_and_the_replica_keeps_serving(
     )
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert error["message"] and error["type"] and error["code"]
+    assert error["message"] and error["code"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error", error
+    assert error["param"] is None or isinstance(error["param"], str), error  # a field name
     ok = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
     assert ok.usage.completion_tokens == 2
 

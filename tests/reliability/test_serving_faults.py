@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -59,15 +60,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeCluster]:
     c.stop()
 
 
+def client(cluster: ServeCluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=API_KEY, timeout=120)
+
+
 def answers(cluster: ServeCluster) -> None:
-    done = httpx.post(
-        f"{cluster.base_url}/v1/completions",
-        headers=AUTH,
-        json={"model": MODEL, "prompt": "Still there?", "max_tokens": 2},
-        timeout=120,
-    )
-    assert done.status_code == 200, done.text
-    assert done.json()["usage"]["completion_tokens"] == 2
+    done = client(cluster).completions.create(model=MODEL, prompt="Still there?", max_tokens=2)
+    assert done.usage is not None and done.usage.completion_tokens == 2
 
 
 # Costly knobs are kept small so that each generated request stays cheap on a CPU.
@@ -160,25 +159,21 @@ def test_killed_engine_replica_fails_in_flight_cleanly_then_is_replaced(
     outcome: dict[str, Any] = {}
 
     def stream_long() -> None:
-        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900,
-                "ignore_eos": True, "stream": True}  # fmt: skip
+        # The official client: the error chunk must surface as an exception, not as a
+        # stream that simply ends (which the client would take for a complete answer).
         chunks = 0
         try:
-            with httpx.stream("POST", f"{cluster.base_url}/v1/completions", headers=AUTH,
-                              json=body, timeout=120) as response:  # fmt: skip
-                outcome["status"] = response.status_code
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        chunk = json.loads(line[6:])
-                        if chunk.get("error"):
-                            outcome["error"] = str(chunk["error"])[:300]
-                        chunks += 1
-                        if chunks == 3:
-                            outcome["streaming"] = time.monotonic()
-                    elif line == "data: [DONE]":
-                        outcome["done"] = True
-        except httpx.HTTPError as e:
-            outcome["error"] = f"{type(e).__name__}: {e}"
+            stream = client(cluster).completions.create(
+                model=MODEL, prompt="Once upon a time", max_tokens=900, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            for _ in stream:
+                chunks += 1
+                if chunks == 3:
+                    outcome["streaming"] = time.monotonic()
+            outcome["done"] = True
+        except (openai.APIError, httpx.HTTPError) as e:
+            outcome["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         outcome["chunks"] = chunks
         outcome["ended"] = time.monotonic()
 

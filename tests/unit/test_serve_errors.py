@@ -6,7 +6,9 @@ import asyncio
 import json
 from typing import Any
 
-from nvfp4_serve.errors import ScrubServerErrors, chat_messages_problem
+from pydantic import BaseModel, ValidationError
+
+from nvfp4_serve.errors import OpenAIErrorBodies, chat_messages_problem, validation_error_body
 
 TRACEBACK = (
     '{"error": {"message": "Internal Server Error (Request ID: 5f1c-aa), original exception: '
@@ -25,7 +27,7 @@ def run(app: Any, headers: list[tuple[bytes, bytes]] | None = None) -> list[dict
         sent.append(message)
 
     scope = {"type": "http", "path": "/v1/chat/completions", "headers": headers or []}
-    asyncio.run(ScrubServerErrors(app)(scope, receive, send))
+    asyncio.run(OpenAIErrorBodies(app)(scope, receive, send))
     return sent
 
 
@@ -71,3 +73,82 @@ def test_chat_messages_need_a_role() -> None:
         chat_messages_problem([{"role": "user"}, {"author": {"role": "user"}}])
     )
     assert chat_messages_problem([{"role": 3}]) is not None
+
+
+def _schema_errors(body: Any) -> list[dict[str, Any]]:
+    """Real pydantic errors, located under "body" as FastAPI reports a request body's."""
+
+    class Request(BaseModel):
+        model: str
+        messages: list[dict[str, Any]]
+        max_tokens: int = 16
+
+    try:
+        if isinstance(body, str):
+            Request.model_validate_json(body)
+        else:
+            Request.model_validate(body)
+    except ValidationError as e:
+        return [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+    raise AssertionError("the body was valid")
+
+
+def test_schema_errors_name_the_field_in_one_line() -> None:
+    error = json.loads(validation_error_body(_schema_errors({"model": "m"})))["error"]
+    assert error == {
+        "message": "messages: Field required",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "invalid_value",
+    }
+    many = _schema_errors({"messages": "x", "max_tokens": "lots"})
+    error = json.loads(validation_error_body(many))["error"]
+    assert error["param"] == "model" and error["message"].endswith("(and 2 more problems)")
+
+
+def test_malformed_json_is_said_to_be_malformed_json() -> None:
+    error = json.loads(validation_error_body(_schema_errors('{"model": "m", ')))["error"]
+    assert error["message"].startswith("request body is not valid JSON: EOF while parsing")
+    assert error["param"] is None and error["code"] == "invalid_json"
+    assert "\n" not in error["message"]
+
+
+# Ray Serve LLM's body for a client error the engine found (captured from a request with
+# max_tokens=0 against Ray 2.60 + vLLM CPU 0.32).
+RAY_400 = json.dumps(
+    {
+        "error": {
+            "message": "Message: max_tokens must be at least 1, got 0. (parameter=max_tokens,"
+            " value=0) (Request ID: 2a9f9bc6-a361), Internal exception: max_tokens must be at"
+            " least 1, got 0. (parameter=max_tokens, value=0) (Request ID: 2a9f9bc6-a361),"
+            " original exception: ",
+            "type": "OpenAIHTTPException",
+            "param": None,
+            "code": 400,
+        }
+    }
+).encode()
+
+
+def test_rays_client_errors_are_rewritten_in_openais_shape() -> None:
+    sent = run(replying(400, RAY_400[:50], RAY_400[50:]))
+    assert sent[0]["status"] == 400
+    error = json.loads(sent[1]["body"])["error"]
+    assert error == {
+        "message": "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
+        " (request id 2a9f9bc6-a361)",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "invalid_value",
+    }
+    assert dict(sent[0]["headers"])[b"content-length"] == str(len(sent[1]["body"])).encode()
+
+
+def test_client_errors_already_in_openais_shape_pass_untouched() -> None:
+    ours = (
+        b'{"error": {"message": "m", "type": "invalid_request_error", "param": null, "code": "x"}}'
+    )
+    for body in (ours, b"plain text"):
+        sent = run(replying(404, body))
+        assert sent[1]["body"] == body
+        assert dict(sent[0]["headers"])[b"content-length"] == b"999"  # headers as they were
