@@ -37,6 +37,8 @@ class Workers:
             "NVFP4_CANCEL_GRACE_S": str(s.cancel_grace_s),
             "NVFP4_HF_OFFLINE": "true",
             "HF_HUB_OFFLINE": "1",
+            # Tests run several workers on one host: none of them takes the metrics port.
+            "NVFP4_WORKER_METRICS_PORT": "0",
         }
 
     def start(self, *args: str, **popen: object) -> subprocess.Popen[bytes]:

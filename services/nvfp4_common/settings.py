@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         description="Hugging Face hub cache to download models into and read them from;"
         " unset = the huggingface_hub default (HF_HUB_CACHE).",
     )
+    worker_metrics_port: int = Field(
+        9400,
+        ge=0,
+        le=65535,
+        description="Port of the worker's Prometheus endpoint (/metrics, all interfaces);"
+        " 0 disables it.",
+    )
 
     # --- serving (nvfp4_serve; build_app args override these) -------------------------
     serve_model: str | None = Field(
@@ -148,6 +155,22 @@ class Settings(BaseSettings):
     serve_readiness_prompt: str = Field(
         "Hello", min_length=1, description="Prompt of the 1-token generation behind /readyz."
     )
+    serve_quantization: Literal["auto", "none", "modelopt_fp4", "modelopt"] = Field(
+        "auto",
+        description="vLLM quantization: auto reads hf_quant_config.json (NVFP4 ->"
+        " modelopt_fp4, FP8 -> modelopt); none serves the weights as stored.",
+    )
+    serve_stream_batching_interval_ms: float = Field(
+        50,
+        ge=0,
+        description="Ray Serve LLM sends a stream's tokens in one message per interval; 0"
+        " sends every token alone.",
+    )
+    serve_first_chunk_now: bool = Field(
+        True,
+        description="Send a stream's first chunk as soon as the engine yields it (false:"
+        " Ray's batcher, which holds it for one interval).",
+    )
     serve_cpu_weight_cache: bool = Field(
         True,
         description="CPU only: unpack NVFP4 weights once at load (about 3.5x the packed size in"
@@ -183,6 +206,13 @@ class Settings(BaseSettings):
         "nvfp4-stack", description="Docker Compose project name of the stack."
     )
     worker_service: str = Field("worker", description="Compose service name of the worker.")
+    compose_max_workers: int = Field(
+        1,
+        ge=1,
+        description="Most workers `workers scale` runs in compose mode. Compose workers share"
+        " the node's one GPU beside serving, and its memory split holds one quantization job"
+        " at a time; raise this only with memory for more (docs/operations.md, 'Memory').",
+    )
     k8s_namespace: str = Field("default", description="Kubernetes namespace of the Helm release.")
     helm_release: str = Field("nvfp4", description="Helm release name of the stack.")
 

@@ -6,6 +6,8 @@ a second, before a large model is read into memory.
 
 from __future__ import annotations
 
+import fnmatch
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ _BYTES_PER_ELEMENT = {
     QuantFormat.FP8: 1.0,
 }
 _KEPT_NAMES = ("embed", "lm_head", "norm", "wte", "wpe")
+# safetensors dtype names as a model card says them.
+_DTYPE_NAMES = {"BF16": "BF16", "F16": "FP16", "F32": "FP32", "F64": "FP64"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,9 @@ def estimate_output_bytes(path: Path, fmt: QuantFormat, exclude: list[str]) -> i
     from safetensors import safe_open
 
     per_element = _BYTES_PER_ELEMENT[fmt]
-    excluded = tuple(p.strip("*") for p in exclude)
+    # The same match ModelOpt makes (quantize.exclusion_pattern): fnmatch of `*glob*`, so
+    # "model.layers.*.mlp.down_proj" counts every layer's down_proj as kept.
+    excluded = tuple(f"*{p.strip('*')}*" for p in exclude if p.strip("*"))
     total = 0.0
     for file in sorted(path.glob("*.safetensors")):
         try:
@@ -95,10 +101,34 @@ def estimate_output_bytes(path: Path, fmt: QuantFormat, exclude: list[str]) -> i
                     for dim in shape:
                         numel *= dim
                     kept = any(k in key for k in _KEPT_NAMES) or any(
-                        e and e in key for e in excluded
+                        fnmatch.fnmatch(key, e) for e in excluded
                     )
                     quantized = len(shape) == 2 and key.endswith(".weight") and not kept
                     total += numel * (per_element if quantized else 2)
         except Exception as exc:  # safetensors raises its own error type for bad headers
             raise JobError(f"model weights {file.name} cannot be read: {exc}") from None
     return int(total)
+
+
+def weights_dtype(path: Path) -> str | None:
+    """The dtype of most of the source's weight elements ("BF16", "FP16", "FP32", or the
+    safetensors name of another), from the headers; None for a folder without tensors."""
+    from safetensors import safe_open
+
+    sizes: Counter[str] = Counter()
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                    tensor = handle.get_slice(key)
+                    numel = 1
+                    for dim in tensor.get_shape():
+                        numel *= dim
+                    # Element counts, not bytes: every dtype of a checkpoint counts alike.
+                    sizes[tensor.get_dtype()] += numel
+        except Exception as exc:  # safetensors raises its own error type for bad headers
+            raise JobError(f"model weights {file.name} cannot be read: {exc}") from None
+    if not sizes:
+        return None
+    name = sizes.most_common(1)[0][0]
+    return _DTYPE_NAMES.get(name, name)

@@ -44,6 +44,9 @@ def render(report: dict[str, Any]) -> str:
     if base.startswith(("/", ".", "~")):
         base = PurePath(base).name
     excluded = ", ".join(f"`{m}`" for m in report["excluded_modules"]) or "none"
+    # Reports written before the dtype was recorded say nothing about it.
+    source_dtype = size.get("source_dtype")
+    original = f"original ({source_dtype} safetensors)" if source_dtype else "original"
     werr = ev.get("weight_error") or {}
     lines = [
         "---",
@@ -76,7 +79,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         "| checkpoint | size |",
         "| --- | --- |",
-        f"| original (BF16 safetensors) | {_gb(size['source_bytes'])} |",
+        f"| {original} | {_gb(size['source_bytes'])} |",
         f"| {fmt} | {_gb(size['output_bytes'])} |",
         f"| reduction | {_num(size['reduction_pct'], '{:.1f}%')} |",
         "",

@@ -53,6 +53,7 @@ class _Plan:
     device: torch.device
     dtype: torch.dtype
     estimate_bytes: int
+    source_dtype: str | None = None  # of the source weights, for the model card
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -110,6 +111,9 @@ def _device(settings: Settings) -> torch.device:
 
 
 def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
+    # Calibration data first: looking it up takes a second, a model download may take an
+    # hour.
+    calib = sources.resolve_calibration(spec.calib_dataset, settings)
     source = sources.resolve_model(spec.model, settings)
     info = checkpoint.inspect_config(source.path, spec.model)
     if info.max_positions is not None and spec.calib_seq_len > info.max_positions:
@@ -123,7 +127,6 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         raise JobError(
             f"model {spec.model} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
         )
-    calib = sources.resolve_calibration(spec.calib_dataset, settings)
     estimate = checkpoint.estimate_output_bytes(source.path, spec.format, spec.exclude)
     publish.check_disk(settings.models_dir, estimate, settings.min_free_disk_gb)
     device = _device(settings)
@@ -133,7 +136,8 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
     else:
         dtype = torch.bfloat16
         torch.cuda.reset_peak_memory_stats(device)
-    return _Plan(spec, job_id, final, source, info, calib, device, dtype, estimate)
+    source_dtype = checkpoint.weights_dtype(source.path)
+    return _Plan(spec, job_id, final, source, info, calib, device, dtype, estimate, source_dtype)
 
 
 def _load(plan: _Plan) -> tuple[Any, torch.nn.Module]:
@@ -242,6 +246,7 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
         },
         "size": {
             "source_bytes": plan.info.source_bytes,
+            "source_dtype": plan.source_dtype,
             "output_bytes": output_bytes,
             "estimated_output_bytes": plan.estimate_bytes,
             "reduction_pct": (1 - output_bytes / plan.info.source_bytes) * 100

@@ -17,6 +17,17 @@ from nvfp4_common.settings import get_settings
 from nvfp4_worker.errors import JobError
 from nvfp4_worker.reporter import RedisReporter
 
+# The recorded error is shown on one line by `nvfp4ctl jobs list/show` and the job API;
+# details (tracebacks, long tool output) belong in the job's log.
+ERROR_MAX_CHARS = 500
+
+
+def one_line(text: str, limit: int = ERROR_MAX_CHARS) -> str:
+    """`text` with every run of whitespace (newlines included) made one space, cut to
+    `limit` characters: messages embed exception text, which is often several lines."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
+
 
 def main(argv: list[str]) -> int:
     job_id, worker_id, attempt = argv[0], argv[1], int(argv[2])
@@ -35,15 +46,17 @@ def main(argv: list[str]) -> int:
     # The outcome is recorded through a Redis restart: an hour of calibration must not
     # be lost to a few seconds without Redis.
     except JobError as e:
-        reporter.log(f"failed: {e}")
-        reason = str(e)
+        reason = one_line(str(e)) or "failed (no reason given)"
+        reporter.log(f"failed: {reason}")
+        if reason != str(e):  # the log keeps the whole text, one entry per line
+            for line in str(e).splitlines():
+                reporter.log(f"  {line}")
         through_restarts(lambda: queue.fail(job, worker_id, reason))
         return 0
     except Exception as e:  # a bug: keep the traceback in the job's log
         for line in traceback.format_exc().splitlines()[-30:]:
             reporter.log(line)
-        message = str(e).splitlines()[0] if str(e) else ""
-        error = f"internal error: {type(e).__name__}: {message}"
+        error = one_line(f"internal error: {type(e).__name__}: {e}")
         through_restarts(lambda: queue.fail(job, worker_id, error))
         return 0
     reporter.log(f"succeeded: {result.output_path}")

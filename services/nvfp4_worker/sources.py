@@ -3,7 +3,8 @@
 Local paths must stay inside the allowed roots (the models folder, the Hugging Face cache
 and `settings.model_roots`) after symlinks are resolved, so a job cannot read arbitrary
 files of the worker's machine. Hugging Face ids go through the normal hub cache
-(`settings.hf_offline` -> the local cache only).
+(`settings.hf_offline` -> the local cache only); a hub dataset is looked up before any
+weights are loaded, so a typo in its name fails in seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikt
 DATASET_DEFAULTS: dict[str, dict[str, str]] = {
     "allenai/c4": {"data_files": "en/c4-train.00000-of-01024.json.gz"},
 }
+# The up-front lookup of a hub dataset (one small API call). A hub that does not answer
+# within this time would not stream the data either.
+HUB_CHECK_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,52 @@ def resolve_calibration(name: str, settings: Settings) -> CalibSource:
                 f"calibration dataset {name} needs the Hugging Face hub but NVFP4_HF_OFFLINE"
                 " is set; use a local .txt/.jsonl file or folder"
             )
+        check_hub_dataset(hub_name, name)
         return CalibSource(description=name, hub_id=hub_name, hub_config=config or None)
     path = confine(local, settings, "calibration data")
     files = _text_files(path, name)
     return CalibSource(description=f"{path.name} ({len(files)} local file(s))", files=files)
+
+
+def check_hub_dataset(repo_id: str, name: str) -> None:
+    """Refuse a hub dataset that does not exist (or cannot be read) before the job loads
+    any weights; otherwise the failure would only show once streaming starts."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        HfApi().dataset_info(repo_id, timeout=HUB_CHECK_TIMEOUT_S)
+    except GatedRepoError:  # before RepositoryNotFoundError, its base class
+        raise JobError(
+            f"calibration dataset {name} is gated: accept its terms on the hub and set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise JobError(
+            f"unknown calibration dataset {name}: the Hugging Face hub has no such dataset"
+            " (if it is private, set HF_TOKEN)"
+        ) from None
+    except HFValidationError:  # HF_ID is looser than the hub's rules ("--", "..")
+        raise JobError(f"calibration dataset {name} is not a valid Hugging Face id") from None
+    except OfflineModeIsEnabled:
+        raise JobError(
+            f"calibration dataset {name} needs the Hugging Face hub but HF_HUB_OFFLINE is set;"
+            " use a local .txt/.jsonl file or folder"
+        ) from None
+    except HfHubHTTPError as exc:  # the hub answered, with an error of its own (5xx, 429)
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        raise JobError(
+            f"could not check calibration dataset {name}: the Hugging Face hub answered HTTP"
+            f" {status}; retry the job later"
+        ) from None
+    except Exception as exc:  # the HTTP client's own errors (refused, DNS, timeout), whose
+        # classes depend on the huggingface_hub version: the dataset may well exist.
+        raise JobError(
+            f"could not reach the Hugging Face hub to check calibration dataset {name}"
+            f" ({type(exc).__name__}); check the network or use local calibration data"
+        ) from None

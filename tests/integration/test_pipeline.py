@@ -27,7 +27,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     src = root / "src"
     tiny = models.make_tiny_qwen3(src / "tiny-qwen3")
     calib = text.write_text_file(src / "data" / "plays.txt", 120_000)
-    return {"root": root, "src": src, "tiny": tiny, "calib": calib}
+    # A folder of both kinds of calibration file. The .txt alone is far short of the
+    # 1,536 tokens the tiny spec needs, so a job that calibrates from it read the .jsonl.
+    mixed = src / "data" / "mixed"
+    text.write_text_file(mixed / "a-plays.txt", 1_000)
+    text.write_jsonl_file(mixed / "b-plays.jsonl", 60_000)
+    return {"root": root, "src": src, "tiny": tiny, "calib": calib, "mixed": mixed}
 
 
 @pytest.fixture
@@ -72,7 +77,10 @@ def test_nvfp4_export_report_card_and_retry(settings: Settings, workspace: dict[
     stale = settings.models_dir / ".tmp-job-a-deadbeef"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half written")
-    spec = tiny_spec(workspace, exclude=["layers.1.mlp.down_proj"])
+    # Every layer's down_proj (the tiny Qwen3's are model.layers.{0,1}.mlp.down_proj).
+    spec = tiny_spec(
+        workspace, calib_dataset=str(workspace["mixed"]), exclude=["model.layers.*.mlp.down_proj"]
+    )
 
     result = pipeline.run(spec, settings, PrintReporter(), "job-a")
 
@@ -82,6 +90,7 @@ def test_nvfp4_export_report_card_and_retry(settings: Settings, workspace: dict[
     quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "NVFP4" and quant["group_size"] == 16
     assert "lm_head" in quant["exclude_modules"]
+    assert "model.layers.0.mlp.down_proj" in quant["exclude_modules"]
     assert "model.layers.1.mlp.down_proj" in quant["exclude_modules"]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt"
@@ -92,7 +101,10 @@ def test_nvfp4_export_report_card_and_retry(settings: Settings, workspace: dict[
     assert t[f"{proj}.weight_scale_2"][0] == "F32"
     assert t[f"{proj}.input_scale"][0] == "F32"
     assert t["lm_head.weight"][0] == "BF16"
+    assert t["model.layers.0.mlp.down_proj.weight"][0] == "BF16"
     assert t["model.layers.1.mlp.down_proj.weight"][0] == "BF16"
+    assert "model.layers.0.mlp.down_proj.weight_scale" not in t
+    assert t["model.layers.1.mlp.up_proj.weight"][0] == "U8"  # the rest is quantized
     for name in ("tokenizer.json", "generation_config.json", "README.md", "report.json"):
         assert (out / name).is_file(), name
 
@@ -102,7 +114,11 @@ def test_nvfp4_export_report_card_and_retry(settings: Settings, workspace: dict[
     assert ev["held_out_samples"] == 4
     assert math.isfinite(ev["perplexity_base"]) and math.isfinite(ev["perplexity_quant"])
     assert 0.07 < ev["weight_error"]["mean"] < 0.12  # NVFP4 is about 0.095
-    assert ev["weight_error"]["layers"] == 13  # 14 linear layers minus the excluded one
+    assert ev["weight_error"]["layers"] == 12  # 14 linear layers minus the excluded two
+    calib = report["calibration"]
+    assert calib["data"] == "mixed (2 local file(s))"
+    assert (calib["samples"], calib["seq_len"], calib["tokens"]) == (8, 128, 8 * 128)
+    assert report["exclude_patterns"] == ["model.layers.*.mlp.down_proj"]
     assert len(ev["generations"]) == 3
     assert report["size"]["output_bytes"] < report["size"]["source_bytes"]
     assert report["memory"]["peak_rss_bytes"] > 0
@@ -110,6 +126,24 @@ def test_nvfp4_export_report_card_and_retry(settings: Settings, workspace: dict[
     card = (out / "README.md").read_text()
     for needle in ("E2M1", "blocks of 16", "FP8 E4M3", "--quantization modelopt", "job-a"):
         assert needle in card
+    size = report["size"]
+    assert size["source_dtype"] == "BF16"  # read from the tiny model's safetensors headers
+    kept = ", ".join(f"`{m}`" for m in quant["exclude_modules"])
+    for line in (
+        f"| original (BF16 safetensors) | {size['source_bytes'] / 1e9:.3f} GB |",
+        f"| nvfp4 | {size['output_bytes'] / 1e9:.3f} GB |",
+        f"| reduction | {size['reduction_pct']:.1f}% |",
+        f"| original | {ev['perplexity_base']:.2f} |",
+        f"| nvfp4 | {ev['perplexity_quant']:.2f} |",
+        f"| change | {ev['perplexity_change_pct']:+.1f}% |",
+        "- Data: mixed (2 local file(s))",
+        "- Samples: 8 x 128 tokens",
+        "Held-out perplexity on 4 x 128 tokens",
+        f"- Kept in BF16: {kept}",
+        "- Quantized layers: 12",
+        *(f"| {tool} | {version} |" for tool, version in report["versions"].items()),
+    ):
+        assert line in card, line
 
     # A retry of the same job after publication returns the published result.
     again = pipeline.run(spec, settings, PrintReporter(), "job-a")

@@ -2,6 +2,9 @@
 
 - A worker SIGKILLed during calibration: the job is retried by another worker and
   succeeds; attempts are recorded; the output is published once, with no partial folder.
+- Only the job process SIGKILLed (what a cgroup OOM kill does): the worker runs on, the
+  job runs again (the attempt counts) or, with no attempt left, fails naming the signal.
+- A worker dies while the only other worker is busy: the busy worker re-queues its job.
 - Redis restarted (AOF on, as in docker-compose.yml) while one job runs and others
   wait: every job is still there afterwards and succeeds; the worker and a CLI following
   the job reconnect with backoff; the running job does not lose its attempt.
@@ -59,6 +62,69 @@ def test_worker_killed_during_calibration_is_retried_and_publishes_once(
     # Published exactly once, and no temporary folder left behind.
     assert sorted(p.name for p in q.settings.models_dir.iterdir()) == ["survivor"]
     record_stat("worker_sigkill", faults=1, jobs=1, jobs_lost=0)
+
+
+def test_job_process_killed_alone_is_requeued_or_failed_and_the_worker_runs_on(
+    job_settings: Settings,
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    tiny_model: Path,
+    calib_file: Path,
+    record_stat: Callable[..., None],
+) -> None:
+    q = JobQueue(job_settings)
+    # One attempt only: the kill ends the job, and the error says why in one line.
+    single = JobQueue(job_settings.model_copy(update={"max_attempts": 1}))
+    last = single.submit(spec(tiny_model, calib_file, calib_samples=500, calib_seq_len=128))
+    worker = start_worker()
+    child = job_process(worker)
+    calibrating(q, last.id)
+    child.kill()  # SIGKILL to the job process alone, as the kernel's OOM killer sends it
+    failed = wait_for(q, last.id, ended, timeout=60)
+    assert failed.state == JobState.FAILED and failed.attempts == 1
+    assert failed.error == "job process killed by SIGKILL (out of memory?) on attempt 1 of 1"
+    assert worker.poll() is None, "the worker must keep running"
+
+    # Attempts left: re-queued, and the same worker runs it again to success.
+    job = q.submit(spec(tiny_model, calib_file, calib_samples=64, output_name="after-oom"))
+    child = job_process(worker)
+    calibrating(q, job.id)
+    child.kill()
+    done = wait_for(q, job.id, ended)
+    assert done.state == JobState.SUCCEEDED, done.error
+    assert done.attempts == 2  # the killed attempt counts
+    reason = "job process killed by SIGKILL (out of memory?) on attempt 1 of 3; re-queued"
+    assert any(line.endswith(reason) for line in q.logs(job.id)), q.logs(job.id)
+    assert worker.poll() is None
+    assert sorted(p.name for p in q.settings.models_dir.iterdir()) == ["after-oom"]
+    record_stat("job_process_sigkill", faults=2, jobs=2, jobs_lost=0)
+
+
+def test_a_busy_worker_requeues_the_job_of_a_dead_worker(
+    job_settings: Settings,
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    tiny_model: Path,
+    calib_file: Path,
+    record_stat: Callable[..., None],
+) -> None:
+    q = JobQueue(job_settings)
+    long = q.submit(spec(tiny_model, calib_file, calib_samples=2000, calib_seq_len=256))
+    worker = start_worker()
+    job_process(worker)  # the only worker is busy from here on
+    orphan = q.submit(spec(tiny_model, calib_file, output_name="orphan"))
+    claimed = q.claim("dead-worker")  # a worker that dies at once: it never renews its beat
+    assert claimed is not None and claimed.id == orphan.id
+
+    timeout_s = job_settings.heartbeat_timeout_s
+    requeued = wait_for(q, orphan.id, lambda j: j.state != JobState.RUNNING, timeout_s * 2 + 5)
+    assert requeued.state == JobState.QUEUED
+    assert requeued.error == "attempt 1 lost: worker dead-worker stopped sending heartbeats"
+    assert q.get(long.id).state == JobState.RUNNING  # found while busy, not between jobs
+
+    q.cancel(orphan.id)
+    q.cancel(long.id)
+    assert wait_for(q, long.id, ended, timeout=30).state == JobState.CANCELLED
+    assert worker.poll() is None
+    record_stat("dead_worker_while_busy", faults=1, jobs=2, jobs_lost=0)
 
 
 @pytest.fixture

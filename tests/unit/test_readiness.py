@@ -12,29 +12,34 @@ def test_ready_after_a_token_then_follows_the_engine_replicas() -> None:
     async def scenario() -> list[tuple[int, str | None]]:
         probes = iter([RuntimeError("engine loading"), "hi", "back"])
         counts = iter([(1, 1), (0, 1), (1, 1)] + [(1, 1)] * 100)
+        seen: list[tuple[int, str | None]] = []
+
+        def note() -> None:
+            # Read at every call into the engine or the controller: the state can only
+            # change after one returns, so no state is missed however slow the machine.
+            code, body = r.status()
+            if not seen or seen[-1][0] != code:
+                seen.append((code, body.get("reason")))  # type: ignore[arg-type]
 
         async def probe() -> str:
+            note()
             item = next(probes)
             if isinstance(item, Exception):
                 raise item
             return item
 
         async def replicas() -> tuple[int, int]:
+            note()
             return next(counts)
 
         r = Readiness(probe, replicas, retry_s=0.01, watch_s=0.01)
-        seen: list[tuple[int, str | None]] = []
         r.start()
-        for _ in range(200):
-            code, body = r.status()
-            entry = (code, body.get("reason"))  # type: ignore[arg-type]
-            if not seen or seen[-1][0] != code:
-                seen.append(entry)  # type: ignore[arg-type]
+        while r.lost_engines < 1 or r.status()[0] != 200:
             await asyncio.sleep(0.005)
-        assert r.lost_engines == 1
+        note()
         return seen
 
-    seen = asyncio.run(scenario())
+    seen = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert [code for code, _ in seen] == [503, 200, 503, 200]
     assert "not probed yet" in str(seen[0][1]) or "engine loading" in str(seen[0][1])
     assert "no engine replica running (0 of 1)" in str(seen[2][1])

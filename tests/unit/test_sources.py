@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -123,9 +127,96 @@ def test_calibration_outside_and_linked_out(cfg: Settings, roots: dict[str, Path
         sources.resolve_calibration(str(data), cfg)
 
 
-def test_hub_dataset_needs_online(cfg: Settings) -> None:
+class FakeHub(BaseHTTPRequestHandler):
+    """The two hub answers the dataset lookup reads: dataset info, or the hub's error
+    headers (X-Error-Code) for a missing or gated dataset; anything else is a 500."""
+
+    KNOWN = {"allenai/c4", "some-org/tiny-text"}
+
+    def do_GET(self) -> None:  # noqa: N802
+        repo = self.path.split("?")[0].removeprefix("/api/datasets/")
+        if repo in self.KNOWN:
+            body = json.dumps({"id": repo, "private": False}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+        elif repo == "some-org/gated-text":
+            body = b'{"error": "gated"}'
+            self.send_response(403)
+            self.send_header("X-Error-Code", "GatedRepo")
+        elif repo == "some-org/flaky":
+            body = b"internal error"
+            self.send_response(500)
+        else:
+            body = b'{"error": "Repository not found"}'
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def online(cfg: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Online settings against a local fake of the Hugging Face hub API: this machine has
+    no internet, so the hub itself cannot answer. huggingface_hub's own client (and its
+    mapping of the hub's error headers to exceptions) runs unchanged."""
+    from huggingface_hub import constants
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    yield cfg.model_copy(update={"hf_offline": False})
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_dataset_needs_online(cfg: Settings, online: Settings) -> None:
     with pytest.raises(JobError, match="NVFP4_HF_OFFLINE"):
         sources.resolve_calibration("allenai/c4", cfg)
-    online = cfg.model_copy(update={"hf_offline": False})
     calib = sources.resolve_calibration("allenai/c4:en", online)
     assert calib.hub_id == "allenai/c4" and calib.hub_config == "en" and not calib.files
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("some-org/no-such-text", "unknown calibration dataset some-org/no-such-text"),
+        ("some-org/gated-text:en", "calibration dataset some-org/gated-text:en is gated"),
+        ("some-org/flaky", "the Hugging Face hub answered HTTP 500"),
+        ("some-org/bad--name", "not a valid Hugging Face id"),
+    ],
+)
+def test_hub_dataset_is_looked_up_before_any_weights(
+    online: Settings, name: str, message: str
+) -> None:
+    sources.resolve_calibration("some-org/tiny-text", online)  # exists: accepted
+    with pytest.raises(JobError, match=message) as info:
+        sources.resolve_calibration(name, online)
+    assert "\n" not in str(info.value)
+
+
+def test_unreachable_hub_is_not_called_unknown(
+    online: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    with pytest.raises(JobError, match="could not reach the Hugging Face hub") as info:
+        sources.resolve_calibration("allenai/c4", online)
+    assert "unknown" not in str(info.value) and "\n" not in str(info.value)
+
+    # A hub that accepts the connection but never answers: the short timeout applies.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(sources, "HUB_CHECK_TIMEOUT_S", 0.5)
+        with pytest.raises(JobError, match=r"could not reach .*Timeout"):
+            sources.resolve_calibration("allenai/c4", online)
