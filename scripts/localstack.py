@@ -92,6 +92,8 @@ def up(models_dir: Path, roots: list[Path]) -> dict[str, object]:
     marker = uuid.uuid4().hex[:12]
     env = _env(marker, models_dir.resolve(), [r.resolve() for r in roots])
     p = PORTS
+    # Recorded before anything starts: `down` then finds by marker whatever did start.
+    STATE.write_text(json.dumps({"marker": marker, "pids": {}, "env": _cli_env(env)}))
     pids = {
         "redis": _start(
             "redis",
@@ -122,7 +124,13 @@ def _cli_env(env: dict[str, str]) -> dict[str, str]:
     return {k: env[k] for k in names}
 
 
-def _marked_pids(marker: str) -> list[int]:
+def marker() -> str | None:
+    """The marker of the running stack's processes, None when it is not up."""
+    return str(json.loads(STATE.read_text())["marker"]) if STATE.exists() else None
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Processes carrying the stack's marker: what `down` must leave none of."""
     needle = f"{MARKER}={marker}".encode()
     found = []
     for entry in Path("/proc").iterdir():
@@ -150,7 +158,7 @@ def down() -> None:
                 break
             time.sleep(0.2)
     for _ in range(3):  # Ray and vLLM processes that left the group
-        pids = _marked_pids(state["marker"])
+        pids = marked_pids(state["marker"])
         if not pids:
             break
         for pid in pids:

@@ -1,6 +1,6 @@
 """`nvfp4ctl bench`: memory and speed of a served model, optionally against a baseline.
 
-Prints two markdown tables (memory, then speed) and writes everything as JSON with --out.
+Prints two markdown tables (memory, then speed) and writes everything as JSON (--out).
 A benchmark reports; it asserts nothing about speed.
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from nvfp4_admin.loadgen import LoadGenerator, scrape_metrics, served_models
+from nvfp4_admin import engine_metrics
+from nvfp4_admin.loadgen import LoadGenerator, served_models
 from nvfp4_admin.output import markdown_table
 
 
@@ -28,10 +29,16 @@ from nvfp4_admin.output import markdown_table
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Its checkpoint folder, for the size.",
 )
+@click.option(
+    "--metrics-url",
+    help="Its engine's Prometheus metrics, for the KV cache rows: Ray's metrics port under"
+    " Ray Serve (e.g. http://127.0.0.1:8080), a plain vLLM server's own /metrics. Unset: '-'.",
+)
 @click.option("--label", default="NVFP4", show_default=True)
 @click.option("--baseline-endpoint", help="Base URL of the model to compare with (e.g. BF16).")
 @click.option("--baseline-model", help="Served name at the baseline endpoint.")
 @click.option("--baseline-model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--baseline-metrics-url", help="The baseline engine's metrics (as --metrics-url).")
 @click.option("--baseline-label", default="BF16", show_default=True)
 @click.option("--api-key", help="Bearer token for both endpoints (or NVFP4CTL_BENCH_API_KEY).")
 @click.option(
@@ -60,16 +67,20 @@ from nvfp4_admin.output import markdown_table
     help="Seconds per request.",
 )
 @click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results as JSON here."
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the results as JSON here.  [default: bench/results/bench-<UTC time>.json]",
 )
 def bench(
     endpoint: str,
     model: str | None,
     model_dir: Path | None,
+    metrics_url: str | None,
     label: str,
     baseline_endpoint: str | None,
     baseline_model: str | None,
     baseline_model_dir: Path | None,
+    baseline_metrics_url: str | None,
     baseline_label: str,
     api_key: str | None,
     levels: tuple[int, ...],
@@ -85,11 +96,22 @@ def bench(
     the first token; batched throughput is all tokens over the level's wall time. With
     --baseline-endpoint the same runs go to both and the tables show the ratio.
     """
-    targets = [(label, endpoint, model, model_dir)]
+    if out is None:
+        out = Path("bench/results") / time.strftime("bench-%Y%m%dT%H%M%SZ.json", time.gmtime())
+    targets = [(label, endpoint, model, model_dir, metrics_url)]
     if baseline_endpoint:
-        targets.insert(0, (baseline_label, baseline_endpoint, baseline_model, baseline_model_dir))
+        targets.insert(
+            0,
+            (
+                baseline_label,
+                baseline_endpoint,
+                baseline_model,
+                baseline_model_dir,
+                baseline_metrics_url,
+            ),
+        )
     results = []
-    for name, url, served, folder in targets:
+    for name, url, served, folder, metrics in targets:
         click.echo(f"measuring {name} at {url} ...", err=True)
         results.append(
             _measure(
@@ -97,6 +119,7 @@ def bench(
                 url,
                 served,
                 folder,
+                metrics,
                 api_key,
                 list(levels),
                 prompt_words,
@@ -105,20 +128,19 @@ def bench(
             )
         )
     click.echo(render(results, list(levels)))
-    if out:
-        doc = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": platform.node(),
-            "settings": {
-                "prompt_words": prompt_words,
-                "max_tokens": max_tokens,
-                "levels": list(levels),
-            },
-            "results": results,
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-        click.echo(f"wrote {out}", err=True)
+    doc = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "settings": {
+            "prompt_words": prompt_words,
+            "max_tokens": max_tokens,
+            "levels": list(levels),
+        },
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    click.echo(f"wrote {out}", err=True)
     failed = [lv["first_error"] for r in results for lv in r["levels"] if lv["errors"]]
     if failed:
         raise click.ClickException(f"some requests failed, e.g. {failed[0]}")
@@ -129,6 +151,7 @@ def _measure(
     url: str,
     model: str | None,
     folder: Path | None,
+    metrics_url: str | None,
     api_key: str | None,
     levels: list[int],
     prompt_words: int,
@@ -147,16 +170,41 @@ def _measure(
         raise click.ClickException(
             f"{url} does not serve {model!r} (it serves: {', '.join(names)})"
         )
+    if metrics_url:
+        _read_metrics(metrics_url)  # a wrong URL fails now, not after minutes of load
     gen = LoadGenerator(url, model, api_key, prompt_words, max_tokens, timeout_s)
     stats = gen.run(levels)
+    metrics: dict[str, Any] = {}
+    if metrics_url:
+        # After the load: Ray exports an engine's series only once they have been set.
+        # A failure now only costs the KV rows, not the measurements already made.
+        try:
+            metrics = engine_metrics.parse(engine_metrics.fetch(metrics_url), model)
+        except engine_metrics.MetricsError as e:
+            click.echo(f"note: {e}", err=True)
+        else:
+            if "kv_cache_tokens" not in metrics:
+                click.echo(
+                    f"note: no vLLM cache metrics for {model} at {metrics_url}"
+                    " (looked for vllm:cache_config_info and ray_vllm_cache_config_info)",
+                    err=True,
+                )
     return {
         "label": label,
         "endpoint": url,
         "model": model,
+        "metrics_url": metrics_url,
         "checkpoint_bytes": checkpoint_bytes(folder) if folder else None,
-        "metrics": scrape_metrics(url),
+        "metrics": metrics,
         "levels": [s.summary() for s in stats],
     }
+
+
+def _read_metrics(url: str) -> str:
+    try:
+        return engine_metrics.fetch(url)
+    except engine_metrics.MetricsError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def checkpoint_bytes(folder: Path) -> int:

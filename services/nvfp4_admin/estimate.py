@@ -39,14 +39,15 @@ from nvfp4_common.jobs import QuantFormat
     type=click.FloatRange(1),
     default=128.0,
     show_default=True,
-    help="Memory of the machine in GiB (a DGX Spark: 128, shared by CPU and GPU).",
+    help="Memory of the machine in GB (10^9 bytes, as spec sheets give it; a DGX Spark:"
+    " 128 GB = 119.2 GiB, shared by CPU and GPU).",
 )
 @click.option(
     "--reserve-gb",
     type=click.FloatRange(0),
     default=10.0,
     show_default=True,
-    help="GiB left to the OS and other processes.",
+    help="GB (10^9 bytes) left to the OS and other processes.",
 )
 @click.option("--calib-seq-len", type=click.IntRange(1), default=2048, show_default=True)
 @json_option
@@ -74,7 +75,9 @@ def estimate(
     except (ValueError, TypeError, ConfigError) as e:
         raise click.ClickException(f"cannot read {config_path}: {e}") from None
     sizes = checkpoint_sizes(shape, exclude)
-    fit = memory_fit(shape, sizes, fmt, memory_gb, reserve_gb, calib_seq_len)
+    # Options take GB as machines are sold; every size below is in GiB.
+    memory_gib, reserve_gib = memory_gb * 1e9 / GIB, reserve_gb * 1e9 / GIB
+    fit = memory_fit(shape, sizes, fmt, memory_gib, reserve_gib, calib_seq_len)
     on_disk = _weights_on_disk(model) if model.is_dir() else None
     report: dict[str, Any] = {
         "model": str(model),
@@ -130,7 +133,10 @@ def estimate(
         f"KV cache per token: {human_bytes(report['kv_bytes_per_token']['bf16'])} BF16,"
         f" {human_bytes(report['kv_bytes_per_token']['fp8'])} FP8"
     )
-    click.echo(f"\nin {memory_gb:g} GiB ({reserve_gb:g} GiB left to the system), format {fmt}:")
+    click.echo(
+        f"\nin {memory_gb:g} GB = {memory_gib:.1f} GiB ({reserve_gib:.1f} GiB left to the"
+        f" system), format {fmt}:"
+    )
     verdict = "fits" if fit.quantize_fits else "DOES NOT FIT"
     click.echo(
         f"  quantize: peak ~{fit.quantize_peak_gib:.1f} GiB"

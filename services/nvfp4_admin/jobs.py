@@ -25,6 +25,18 @@ from nvfp4_common.queue import JobQueue, through_restarts
 # Stages a job moves through after it is claimed, for "stage i/n" in progress lines.
 _WORK_STAGES = [s for s in Stage if s not in (Stage.QUEUED, Stage.DONE)]
 
+# JobSpec field -> the `jobs submit` parameter that sets it, to name it in errors.
+_SPEC_PARAMS = {
+    "model": "model",
+    "format": "fmt",
+    "calib_dataset": "calib_dataset",
+    "calib_samples": "calib_samples",
+    "calib_seq_len": "calib_seq_len",
+    "eval_samples": "eval_samples",
+    "exclude": "exclude",
+    "output_name": "name",
+}
+
 
 @click.group()
 def jobs() -> None:
@@ -101,10 +113,13 @@ def submit(
             **{k: v for k, v in fields.items() if v is not None},
         )
     except ValidationError as e:
+        # A value the job model refuses is a usage error of the option that carried it.
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "job"
+        field = str(err["loc"][0]) if err["loc"] else ""
         message = err["msg"].removeprefix("Value error, ")
-        raise click.ClickException(f"invalid {where}: {message}") from None
+        ctx = click.get_current_context()
+        param = next((p for p in ctx.command.params if p.name == _SPEC_PARAMS.get(field)), None)
+        raise click.BadParameter(message, ctx=ctx, param=param) from None
     job = app.queue.submit(spec, Priority(priority))
     if not as_json:
         click.echo(f"submitted {job.id}: {spec.model} -> {spec.resolved_output_name()}")

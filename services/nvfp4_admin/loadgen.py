@@ -184,11 +184,6 @@ def v1_url(base_url: str) -> str:
     return base if base.endswith("/v1") else base + "/v1"
 
 
-def root_url(base_url: str) -> str:
-    base = base_url.rstrip("/")
-    return base[: -len("/v1")] if base.endswith("/v1") else base
-
-
 def served_models(base_url: str, api_key: str | None, timeout_s: float = 30.0) -> list[str]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(v1_url(base_url) + "/models", headers=headers, timeout=timeout_s, trust_env=False)
@@ -197,53 +192,3 @@ def served_models(base_url: str, api_key: str | None, timeout_s: float = 30.0) -
             f"{v1_url(base_url)}/models answered HTTP {r.status_code}: {r.text[:200]}"
         )
     return [m["id"] for m in r.json().get("data", [])]
-
-
-def scrape_metrics(base_url: str, timeout_s: float = 10.0) -> dict[str, Any]:
-    """What vLLM's /metrics says about memory: KV cache capacity and dtype; {} if absent."""
-    try:
-        r = httpx.get(root_url(base_url) + "/metrics", timeout=timeout_s, trust_env=False)
-    except httpx.HTTPError:
-        return {}
-    if r.status_code != 200:
-        return {}
-    return parse_metrics(r.text)
-
-
-def parse_metrics(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            labels = dict(
-                (k, v.strip('"'))
-                for k, _, v in (
-                    p.partition("=")
-                    for p in _split_labels(line[line.index("{") + 1 : line.rindex("}")])
-                )
-            )
-            try:
-                blocks, size = int(labels["num_gpu_blocks"]), int(labels["block_size"])
-                out["kv_cache_tokens"] = blocks * size
-            except (KeyError, ValueError):
-                pass
-            out["kv_cache_dtype"] = labels.get("cache_dtype")
-            if labels.get("gpu_memory_utilization"):
-                out["gpu_memory_utilization"] = float(labels["gpu_memory_utilization"])
-        elif line.startswith("process_resident_memory_bytes "):
-            out["server_rss_bytes"] = int(float(line.split()[1]))
-    return out
-
-
-def _split_labels(text: str) -> list[str]:
-    parts, cur, quoted = [], "", False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur:
-        parts.append(cur)
-    return parts

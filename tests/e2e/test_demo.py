@@ -4,6 +4,7 @@ vLLM (CPU build) and a worker process; everything it started is stopped at the e
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import pytest
 from tests.serve_harness import serve_env_available
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import localstack  # noqa: E402
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(1500)]
 
@@ -27,6 +31,12 @@ def test_demo_quantizes_deploys_answers_and_cleans_up(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},  # one stream, in the order it happened
     )  # fmt: skip
     out = run.stdout
+    # Nothing the stack started outlives the run, failed or not: not even Ray or vLLM
+    # workers that left their process group (they carry the stack's marker too).
+    marker = re.search(rf"{localstack.MARKER}=([0-9a-f]+)", out)
+    assert marker, out[-6000:]
+    assert localstack.marked_pids(marker.group(1)) == [], out[-6000:]
+    assert not Path(f"/tmp/nvfp4-ray-{marker.group(1)}").exists()  # Ray's session folder
     assert run.returncode == 0, out[-6000:]
     # Each step of the story happened, in order.
     steps = [

@@ -13,6 +13,9 @@ from click.testing import CliRunner
 from nvfp4_admin.cli import cli
 from nvfp4_admin.doctor import _parse_smi_line, find_gpus, nvfp4_path
 
+# The stand-in for Ray's dashboard and Serve proxy that the serve tests use (no Ray here).
+from tests.unit.test_cli_serve import FakeRay, _live_config, fake_ray  # noqa: F401
+
 
 @pytest.mark.parametrize(
     ("capability", "status", "words"),
@@ -80,3 +83,35 @@ def test_doctor_hides_the_redis_password(tmp_path: Path) -> None:
     assert out.exit_code == 1
     assert "hunter2" not in out.output
     assert "cannot reach Redis at redis://:***@127.0.0.1:9/0" in out.output
+
+
+def test_doctor_with_ray_reachable_and_serving_ready(
+    redis_url: str,
+    fake_ray: tuple[FakeRay, str],  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, url = fake_ray
+    _live_config(fake, "/models/qwen3-nvfp4")
+    _fake_nvidia_smi(tmp_path, "NVIDIA H100 80GB HBM3, 9.0, 81559, 61440")
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    env = {
+        "NVFP4_REDIS_URL": redis_url,
+        "NVFP4_RAY_ADDRESS": url,
+        "NVFP4_SERVE_URL": url,
+        "NVFP4_MODELS_DIR": str(tmp_path),
+    }
+    out = CliRunner().invoke(cli, ["doctor", "--json"], env=env)
+    checks = {c["name"]: c for c in json.loads(out.output)}
+    assert out.exit_code == 0, checks
+    assert checks["gpu 0"]["detail"].endswith("compute capability 9.0, 60.0 GiB free of 80 GiB")
+    assert checks["nvfp4 path"]["status"] == "warn"  # Hopper: weight-only Marlin
+    assert checks["ray dashboard"] == {
+        "name": "ray dashboard",
+        "status": "ok",
+        "detail": f"{url}: Ray 2.60.0",
+    }
+    assert checks["serving"]["status"] == "ok"
+    assert checks["serving"]["detail"] == (
+        f"{url}/readyz answers 200; nvfp4 RUNNING (/models/qwen3-nvfp4)"
+    )

@@ -60,6 +60,17 @@ def test_estimate_command_table_and_json(tmp_path: Path) -> None:
     assert data["weights_on_disk_bytes"] is None  # a bare config.json has no folder to look in
 
 
+def test_memory_options_are_decimal_gb(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(QWEN3_32B))
+    out = CliRunner().invoke(cli, ["estimate", str(cfg)])
+    # A DGX Spark's 128 GB are 119.2 GiB, the unit every size here is given in.
+    assert "in 128 GB = 119.2 GiB (9.3 GiB left to the system)" in out.output
+    data = json.loads(CliRunner().invoke(cli, ["estimate", str(cfg), "--json"]).output)
+    assert data["fit"]["memory_gib"] == pytest.approx(128e9 / GIB)
+    assert data["fit"]["reserve_gib"] == pytest.approx(10e9 / GIB)
+
+
 def test_memory_fit_on_a_small_machine() -> None:
     shape = Shape.from_config(QWEN3_32B)
     sizes = checkpoint_sizes(shape)

@@ -76,6 +76,11 @@ def test_help_works_without_services(path: tuple[str, ...]) -> None:
         ["jobs", "submit"],  # missing MODEL
         ["jobs", "submit", "m", "--format", "int3"],
         ["jobs", "submit", "m", "--calib-samples", "0"],
+        # Values only the job model refuses are usage errors too.
+        ["jobs", "submit", "m", "--name", "../x"],
+        ["jobs", "submit", "m", "--calib-samples", "100001"],
+        ["jobs", "submit", "m", "--exclude", "a b"],
+        ["jobs", "submit", "m\tx"],
         ["jobs", "list", "--state", "sleeping"],
         ["jobs", "purge", "--older-than", "soon"],
         ["workers", "scale", "-1"],
@@ -91,6 +96,23 @@ def test_bad_usage_exits_2_with_one_line(args: list[str]) -> None:
     assert out.exit_code == 2, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), out.output
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--name", "../x"], "'--name'"),
+        (["--calib-seq-len", "2000000"], "'--calib-seq-len'"),
+        (["--exclude", "a b"], "'--exclude'"),
+        (["--calib-dataset", "c\x01"], "'--calib-dataset'"),
+    ],
+)
+def test_refused_job_values_name_their_option(args: list[str], named: str) -> None:
+    out = CliRunner().invoke(
+        cli, ["jobs", "submit", "m", *args], env={"NVFP4_REDIS_URL": "redis://127.0.0.1:9/0"}
+    )
+    assert out.exit_code == 2, out.output
+    assert out.output.startswith(f"Error: Invalid value for {named}: "), out.output
 
 
 def test_bad_settings_are_one_line(tmp_path: Path) -> None:

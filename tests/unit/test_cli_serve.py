@@ -523,6 +523,20 @@ def test_unreachable_dashboard_is_one_line(redis_url: str) -> None:
     assert "Traceback" not in out.output and out.output.count("\n") == 1
 
 
+def test_ray_address_option_wins_over_the_environment(
+    fake_ray: tuple[FakeRay, str], redis_url: str
+) -> None:
+    fake, url = fake_ray
+    _live_config(fake)
+    dead = "http://127.0.0.1:9"
+    out = _invoke(dead, redis_url, "--ray-address", url, "serve", "status")
+    assert out.exit_code == 0, out.output
+    assert "/models/old" in out.output
+    out = _invoke(url, redis_url, "--ray-address", dead, "serve", "status")
+    assert out.exit_code == 1
+    assert out.output.startswith(f"Error: cannot reach {dead}/api/serve/applications/")
+
+
 def test_client_reports_http_errors_with_the_body(fake_ray: tuple[FakeRay, str]) -> None:
     _, url = fake_ray
     client = RayClient(url, url)
