@@ -111,6 +111,7 @@ BY_PATH: dict[str, Schema] = {
     "worker.livenessProbe.periodSeconds": minimum(1),
     "worker.livenessProbe.timeoutSeconds": minimum(1),
     "worker.livenessProbe.failureThreshold": minimum(1),
+    "worker.metrics.port": {"type": "integer", "minimum": 0, "maximum": 65535},
     "serve.appName": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$"},
     # Relative to the models volume, and never outside it.
     "serve.modelPath": {

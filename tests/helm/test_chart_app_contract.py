@@ -65,6 +65,7 @@ def test_the_quantization_worker_settings_load_with_the_gpu_device(
     assert settings.max_attempts == 3
     assert settings.heartbeat_timeout_s == 30.0
     assert settings.hf_offline is False
+    assert settings.worker_metrics_port == 9400
 
 
 @pytest.mark.parametrize("values_file", VALUES_FILES, ids=values_id)

@@ -112,7 +112,7 @@ def test_ingress_routes_to_the_rayservice_serve_service(chart: Chart, default: M
 def test_servicemonitor_scrapes_ray_metrics_on_8080_of_every_ray_pod(
     everything: Manifests,
 ) -> None:
-    monitor = everything.get("ServiceMonitor")
+    monitor = everything.get("ServiceMonitor", f"{FULLNAME}-ray")
     service = everything.get("Service", f"{FULLNAME}-ray-metrics")
     assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
     assert pods_selected(everything, {"matchLabels": service["spec"]["selector"]}) == {
@@ -123,8 +123,59 @@ def test_servicemonitor_scrapes_ray_metrics_on_8080_of_every_ray_pod(
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
 
 
+def test_scrapes_workers_when_the_servicemonitor_is_on(everything: Manifests) -> None:
+    monitor = everything.get("ServiceMonitor", f"{FULLNAME}-worker")
+    service = everything.get("Service", f"{FULLNAME}-worker-metrics")
+    assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+    # Not Ray's Service too: the Ray pods would be scraped twice, once on a port they lack.
+    ray_service = everything.get("Service", f"{FULLNAME}-ray-metrics")
+    assert not selects(monitor["spec"]["selector"], ray_service["metadata"]["labels"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert pods_selected(everything, {"matchLabels": service["spec"]["selector"]}) == {
+        f"{FULLNAME}-worker"
+    }
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9400, "targetPort": "metrics"}]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == (
+        "metrics",
+        "/metrics",
+        "30s",
+    )
+    # The Service's targetPort names a port the worker container really has.
+    (worker,) = everything.get("Deployment", f"{FULLNAME}-worker")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in worker["ports"]
+
+
+def test_worker_servicemonitor_carries_the_labels_prometheus_selects_on(chart: Chart) -> None:
+    docs = chart.render(
+        {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}}
+    )
+    for name in ("ray", "worker"):
+        labels = docs.get("ServiceMonitor", f"{FULLNAME}-{name}")["metadata"]["labels"]
+        assert labels["release"] == "prometheus", name
+
+
+def test_no_worker_scrape_when_worker_metrics_port_is_zero(chart: Chart) -> None:
+    docs = chart.render(
+        {"metrics": {"serviceMonitor": {"enabled": True}}, "worker": {"metrics": {"port": 0}}}
+    )
+    assert [m["metadata"]["name"] for m in docs.all("ServiceMonitor")] == [f"{FULLNAME}-ray"]
+    assert f"{FULLNAME}-worker-metrics" not in {s["metadata"]["name"] for s in docs.all("Service")}
+
+
+def test_no_networkpolicy_stands_between_prometheus_and_the_workers(everything: Manifests) -> None:
+    # The only policy guards Redis; were one to select the workers, it would have to admit
+    # Prometheus on the metrics port.
+    for policy in everything.all("NetworkPolicy"):
+        assert f"{FULLNAME}-worker" not in pods_selected(everything, policy["spec"]["podSelector"])
+
+
 def test_no_servicemonitor_unless_enabled(default: Manifests) -> None:
     assert not default.has("ServiceMonitor")
+    names = {s["metadata"]["name"] for s in default.all("Service")}
+    assert f"{FULLNAME}-worker-metrics" not in names
 
 
 def test_helm_test_pod_curls_readyz_on_the_serve_service(default: Manifests) -> None:

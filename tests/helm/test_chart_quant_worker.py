@@ -148,6 +148,34 @@ def test_restarts_a_worker_whose_heartbeat_went_stale(chart: Chart, default: Man
     assert "livenessProbe" not in container(docs)
 
 
+def test_exposes_the_worker_metrics_port_from_worker_metrics_port(
+    chart: Chart, default: Manifests
+) -> None:
+    assert container(default)["ports"] == [
+        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"}
+    ]
+    assert env(default)["NVFP4_WORKER_METRICS_PORT"]["value"] == "9400"
+    docs = chart.render({"worker": {"metrics": {"port": 9500}}})
+    assert container(docs)["ports"] == [
+        {"name": "metrics", "containerPort": 9500, "protocol": "TCP"}
+    ]
+    assert env(docs)["NVFP4_WORKER_METRICS_PORT"]["value"] == "9500"
+
+
+def test_no_metrics_port_when_worker_metrics_port_is_zero(chart: Chart) -> None:
+    docs = chart.render({"worker": {"metrics": {"port": 0}}})
+    assert "ports" not in container(docs)
+    # Written out: left unset, the worker would open its default port anyway.
+    assert env(docs)["NVFP4_WORKER_METRICS_PORT"]["value"] == "0"
+
+
+def test_a_metrics_port_change_restarts_only_the_workers(chart: Chart, default: Manifests) -> None:
+    # Not in the shared ConfigMap, whose checksum would also bring up a new Ray cluster.
+    docs = chart.render({"worker": {"metrics": {"port": 9500}}})
+    assert docs.get("ConfigMap", FULLNAME) == default.get("ConfigMap", FULLNAME)
+    assert worker(docs)["spec"]["template"] != worker(default)["spec"]["template"]
+
+
 def test_keeps_caches_off_the_read_only_root(default: Manifests) -> None:
     variables = env(default)
     mounts = {m["mountPath"] for m in container(default)["volumeMounts"]}

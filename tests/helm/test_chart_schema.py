@@ -43,6 +43,9 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
         ("persistence.models.accessModes", ["ReadWriteSometimes"]),
         ("ingress.hosts", [{"host": "a.example.com", "paths": [{"path": "api"}]}]),
         ("metrics.serviceMonitor.interval", 30),
+        ("worker.metrics.port", 70000),
+        ("worker.metrics.port", -1),
+        ("worker.metrics.port", "9400"),
     ],
 )
 def test_refuses_a_wrong_type_via_the_schema(chart: Chart, key: str, value: Any) -> None:
@@ -61,6 +64,7 @@ def test_refuses_a_wrong_type_via_the_schema(chart: Chart, key: str, value: Any)
         ("config.extra", {"RESULT_TTL_S": 60}),
         ("ray.head.rayStartParams", {"num-cpus": 0}),
         ("global", {"anything": True}),
+        ("worker.metrics.port", 0),
     ],
 )
 def test_accepts_valid_values(chart: Chart, key: str, value: Any) -> None:
