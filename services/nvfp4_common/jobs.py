@@ -115,8 +115,10 @@ class JobSpec(BaseModel):
     @field_validator("model", "calib_dataset")
     @classmethod
     def _no_control_chars(cls, v: str) -> str:
-        if any(ord(c) < 32 for c in v):
-            raise ValueError("must not contain control characters")
+        # isprintable: no control characters (below 32, DEL, \x85) and no line or paragraph
+        # separators (\u2028, \u2029), which would break a line of `jobs list` or a log.
+        if not v.isprintable():
+            raise ValueError("must not contain control or line-separator characters")
         return v
 
     def resolved_output_name(self) -> str:

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         description="Compute dtype for quantization on a CPU (checkpoints are BF16 either way);"
         " float32 is several times faster on CPUs without native BF16 matrix units.",
     )
+    worker_memory_preflight: bool = Field(
+        True,
+        description="Before loading a model, refuse a job whose estimated memory need exceeds"
+        " the container's memory limit or MemAvailable; false tries anyway (swap, odd cgroups).",
+    )
     hf_cache_dir: Path | None = Field(
         None,
         description="Hugging Face hub cache to download models into and read them from;"

@@ -27,6 +27,7 @@ from nvfp4_worker import (
     checkpoint,
     cpu_ops,
     evaluate,
+    memory,
     modelcard,
     publish,
     quantize,
@@ -54,6 +55,7 @@ class _Plan:
     dtype: torch.dtype
     estimate_bytes: int
     source_dtype: str | None = None  # of the source weights, for the model card
+    memory_note: str = ""  # the memory check's numbers, for the job's log
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -76,6 +78,7 @@ def run(spec: JobSpec, settings: Settings, reporter: Reporter, job_id: str) -> J
         f" device {plan.device.type} ({str(plan.dtype).removeprefix('torch.')}),"
         f" calibration {plan.calib.description}"
     )
+    reporter.log(plan.memory_note)
     staging = publish.staging_dir(settings.models_dir, job_id)
     try:
         report = _execute(plan, reporter, staging)
@@ -137,7 +140,19 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         dtype = torch.bfloat16
         torch.cuda.reset_peak_memory_stats(device)
     source_dtype = checkpoint.weights_dtype(source.path)
-    return _Plan(spec, job_id, final, source, info, calib, device, dtype, estimate, source_dtype)
+    # Refused here, before any weights are read: a job that outgrows the container's
+    # memory would be OOM-killed and re-queued until its attempts run out.
+    need = memory.estimate(
+        info.source_bytes, source_dtype, dtype, memory.weights_in_host_memory(device)
+    )
+    note = (
+        memory.check(spec.model, need, memory.room())
+        if settings.worker_memory_preflight
+        else f"memory: needs about {memory.gib(need.total)}; not checked (preflight off)"
+    )
+    return _Plan(
+        spec, job_id, final, source, info, calib, device, dtype, estimate, source_dtype, note
+    )
 
 
 def _load(plan: _Plan) -> tuple[Any, torch.nn.Module]:

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from nvfp4_common.jobs import JobSpec, QuantFormat
 from nvfp4_common.settings import Settings
-from nvfp4_worker import pipeline
+from nvfp4_worker import memory, pipeline
 from nvfp4_worker.errors import JobError
 from nvfp4_worker.reporter import PrintReporter
 from tests.fixtures import models, text
@@ -219,6 +219,20 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     spec = tiny_spec(workspace).model_copy(update=values)
     with pytest.raises(JobError, match=message) as info:
         pipeline.run(spec, settings, PrintReporter(), f"job-{case.replace(' ', '-')}")
+    assert "\n" not in str(info.value)
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_model_over_the_memory_limit_is_refused_before_loading(
+    settings: Settings, workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This host's own cgroup limit is not the case under test: the check reads a container
+    # limit of 64 MiB from a file of ours instead.
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{64 * 2**20}\n")
+    monkeypatch.setattr(memory, "CGROUP_V2_MAX", limit)
+    with pytest.raises(JobError, match="does not fit in memory.*NVFP4_WORKER_MEMORY_LIMIT") as info:
+        pipeline.run(tiny_spec(workspace), settings, PrintReporter(), "job-memory")
     assert "\n" not in str(info.value)
     assert list(settings.models_dir.iterdir()) == []
 

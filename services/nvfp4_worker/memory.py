@@ -1,0 +1,171 @@
+"""Will the job fit in memory? A check made before any weights are loaded.
+
+A job that outgrows its container's memory limit is killed by the kernel's OOM killer,
+re-queued and killed again until its attempts run out. Estimating its need from the
+checkpoint size and comparing it with what this process may use turns that into one
+clear error at the start.
+
+The rule, with B = the source model in BF16 bytes (2 bytes per parameter):
+
+    need = W (the weights in the compute dtype, where they sit in host memory)
+         + B / 2 (what else grows with the model: export's quantized tensors, one
+           calibration or evaluation batch of activations; on a discrete GPU, the
+           host-side copies made while loading and exporting)
+         + 2 GiB (torch, ModelOpt, the CUDA context, tokenizer, calibration text)
+
+W is B on a GPU (BF16) and 2 x B on a CPU in float32 (the default NVFP4_CPU_DTYPE). On a
+CPU, and on a GPU without memory of its own (DGX Spark / GB10), the weights are host
+memory; on a discrete GPU they are not, so W counts as 0 there.
+
+Measured (docs/benchmarks.md): an 8B model, B = 15.3 GiB, peaked at 22.2 GiB of GPU memory
+(W + 0.46 B; the rule says W + 0.5 B) and 8.0 GiB of host RSS on an H200 (the rule for a
+discrete GPU: 0.5 B + 2 GiB = 9.6 GiB). SmolLM2-135M on a CPU in float32, B = 269 MB,
+peaked at 1.86-2.07 GB (the rule: 0.54 + 0.13 GB + 2 GiB = 2.8 GB). Small models are
+dominated by the fixed part. With the compose default limit of 56 GiB on a Spark, the rule
+admits BF16 sources up to about 36 GiB (19B parameters). Not yet measured on a GB10.
+The check runs in the job's process after torch is imported, so part of the runtime is
+already out of MemAvailable and counted twice: an error of under 1 GiB, on the safe side.
+
+Everything here reads files passed as paths, so tests can give their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nvfp4_worker.errors import JobError
+
+GIB = 1024**3
+RUNTIME_BYTES = 2 * GIB
+CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
+CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+MEMINFO = Path("/proc/meminfo")
+# cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
+_NO_LIMIT = 2**62
+# Bytes per element of the source's dominant safetensors dtype (checkpoint.weights_dtype);
+# anything else is counted as 2 bytes, the common case.
+_SOURCE_ITEMSIZE = {"BF16": 2, "FP16": 2, "FP32": 4, "FP64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class Need:
+    """Estimated peak memory of one job, in bytes, split as the module docstring says."""
+
+    weights: int
+    working: int
+    runtime: int
+    compute_dtype: str
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.working + self.runtime
+
+
+@dataclass(frozen=True)
+class Room:
+    """What this process may use: the container's memory limit and MemAvailable
+    (None where the host sets or reports none)."""
+
+    limit: int | None
+    available: int | None
+
+    @property
+    def usable(self) -> int | None:
+        known = [v for v in (self.limit, self.available) if v is not None]
+        return min(known) if known else None
+
+
+def weights_in_host_memory(device: torch.device) -> bool:
+    """True on a CPU and on a GPU that shares host memory (DGX Spark's GB10)."""
+    if device.type != "cuda":
+        return True
+    props = torch.cuda.get_device_properties(device)
+    # The name as well: doctor.py and nvidia-smi know GB10 by name, whatever the driver
+    # reports as "integrated".
+    return bool(getattr(props, "is_integrated", False)) or "GB10" in props.name
+
+
+def estimate(
+    source_bytes: int, source_dtype: str | None, compute_dtype: torch.dtype, in_host: bool
+) -> Need:
+    """The job's host-memory need from the source's safetensors bytes and dtype."""
+    elements = source_bytes // _SOURCE_ITEMSIZE.get(source_dtype or "", 2)
+    bf16 = elements * 2
+    weights = elements * compute_dtype.itemsize if in_host else 0
+    return Need(weights, bf16 // 2, RUNTIME_BYTES, str(compute_dtype).removeprefix("torch."))
+
+
+def cgroup_limit(v2: Path = CGROUP_V2_MAX, v1: Path = CGROUP_V1_LIMIT) -> int | None:
+    """The memory limit of this process's container (cgroup v2, else v1); None if unset."""
+    for path in (v2, v1):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":  # cgroup v2: no limit
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return value if value < _NO_LIMIT else None
+    return None
+
+
+def mem_available(meminfo: Path = MEMINFO) -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where it cannot be read."""
+    try:
+        lines = meminfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if name.strip() == "MemAvailable" and parts and parts[0].isdigit():
+            return int(parts[0]) * (1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1)
+    return None
+
+
+def room(v2: Path | None = None, v1: Path | None = None, meminfo: Path | None = None) -> Room:
+    """This process's Room, from the system's files unless others are given."""
+    return Room(
+        cgroup_limit(v2 or CGROUP_V2_MAX, v1 or CGROUP_V1_LIMIT),
+        mem_available(meminfo or MEMINFO),
+    )
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def check(model: str, need: Need, have: Room) -> str:
+    """A one-line summary for the job's log, or JobError when `need` exceeds `have`."""
+    parts = []
+    if have.limit is not None:
+        parts.append(f"memory limit {gib(have.limit)}")
+    if have.available is not None:
+        parts.append(f"MemAvailable {gib(have.available)}")
+    where = ", ".join(parts) or "no limit or MemAvailable found"
+    weights = f"weights {gib(need.weights)} in {need.compute_dtype} + " if need.weights else ""
+    needs = (
+        f"about {gib(need.total)} ({weights}working memory {gib(need.working)}"
+        f" + runtime {gib(need.runtime)})"
+    )
+    usable = have.usable
+    if usable is None or need.total <= usable:
+        return f"memory: needs {needs}; {where}"
+    what = []
+    if have.available is not None and need.total > have.available:
+        what.append("free memory")
+    if have.limit is not None and need.total > have.limit:
+        what.append('raise NVFP4_WORKER_MEMORY_LIMIT (docs/operations.md, "Memory")')
+    # On a shared node both come down to stopping serving while this model is quantized.
+    raise JobError(
+        f"model {model} does not fit in memory: needs {needs} but this worker may use"
+        f" {gib(usable)} ({where}); stop serving (`docker compose stop serve`) to"
+        f" {' and '.join(what)}, or quantize a smaller model"
+        " (NVFP4_WORKER_MEMORY_PREFLIGHT=false skips this check)"
+    )
