@@ -4,8 +4,11 @@ Runs, each in a fresh process so peak RSS is its own:
   bare      - load, mtq.quantize with the same calibration batches, export_hf_checkpoint;
   pipeline  - nvfp4_worker.pipeline.run on the same model and data (eval_samples=0;
               its remaining evaluation - weight errors and generations - is timed in
-              report.json and subtracted for the "work" ratio).
-Both time from just before loading the model (imports excluded for both). Prints a
+              report.json and subtracted for the "work" ratio);
+  job       - the same spec submitted through a private Redis to a real, waiting worker
+              (`python -m nvfp4_worker`), timed from submit to succeeded: what a user
+              waits, including the job's fresh process and its imports.
+bare and pipeline time from just before loading the model (imports excluded). Prints a
 markdown table and writes JSON to bench/results/.
 
     .venv/bin/python bench/quantize_overhead.py [--samples 32 --seq-len 256]
@@ -107,6 +110,68 @@ def pipeline(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def job(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Submit -> succeeded through Redis and a worker process, as `nvfp4ctl jobs submit`."""
+    import os
+
+    from nvfp4_common.jobs import JobSpec, JobState
+    from nvfp4_common.queue import JobQueue
+    from nvfp4_common.settings import Settings
+    from tests.conftest import RedisServer
+
+    server = RedisServer(out.parent / "redis")
+    server.start()
+    try:
+        env = {
+            **os.environ,
+            "NVFP4_REDIS_URL": server.url,
+            "NVFP4_MODELS_DIR": str(out.parent),
+            "NVFP4_MODEL_ROOTS": json.dumps(
+                [str(Path(args.model).parent), str(Path(args.data).parent)]
+            ),
+            "NVFP4_HF_OFFLINE": "true",
+            "NVFP4_MIN_FREE_DISK_GB": "0.1",
+            "NVFP4_WORKER_METRICS_PORT": "0",
+        }
+        settings = Settings(redis_url=server.url, models_dir=out.parent, _env_file=None)  # type: ignore[call-arg]
+        queue = JobQueue(settings)
+        spec = JobSpec(
+            model=args.model,
+            calib_dataset=args.data,
+            calib_samples=args.samples,
+            calib_seq_len=args.seq_len,
+            eval_samples=0,
+            output_name=out.name,
+        )
+        # A worker already waiting, as in production: its own start-up is not the job's.
+        log = out.parent / "worker.log"
+        with log.open("wb") as sink:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "nvfp4_worker"], env=env, stdout=sink, stderr=sink
+            )
+        try:
+            while not queue.workers():
+                if worker.poll() is not None:
+                    sys.exit(f"the worker exited at start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.2)
+            submitted = queue.submit(spec)
+            while not (done := queue.get(submitted.id)).state.ended:
+                time.sleep(0.2)
+        finally:
+            worker.terminate()
+            worker.wait(60)
+        if done.state != JobState.SUCCEEDED or done.ended_at is None:
+            sys.exit(f"job failed ({done.state.value}): {done.error}\n{log.read_text()[-2000:]}")
+        report = json.loads((out / "report.json").read_text())
+        timings = report["timings_s"]
+        return {
+            "wall_s": done.ended_at - done.created_at,
+            "eval_s": timings["evaluate_original"] + timings["evaluate_quantized"],
+        }
+    finally:
+        server.stop()
+
+
 def child(mode: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--data", args.data]
     cmd += ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--out", str(out)]
@@ -139,6 +204,7 @@ def main() -> None:
     model_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
     b = child("bare", args, work / "models" / "bare")
     p = child("pipeline", args, work / "models" / "pipeline")
+    j = job(args, work / "models" / "job")
 
     work_ratio = (p["wall_s"] - p["eval_s"]) / b["wall_s"]
     rows = [
@@ -153,6 +219,18 @@ def main() -> None:
             f"{b['wall_s']:.1f}",
             f"{p['wall_s'] - p['eval_s']:.1f}",
             f"{work_ratio:.3f}",
+        ),
+        (
+            "job through Redis + worker, submit -> succeeded (s)",
+            f"{b['wall_s']:.1f}",
+            f"{j['wall_s']:.1f}",
+            f"{j['wall_s'] / b['wall_s']:.3f}",
+        ),
+        (
+            "the same without evaluation (s)",
+            f"{b['wall_s']:.1f}",
+            f"{j['wall_s'] - j['eval_s']:.1f}",
+            f"{(j['wall_s'] - j['eval_s']) / b['wall_s']:.3f}",
         ),
         (
             "peak RSS (GB)",
@@ -177,7 +255,7 @@ def main() -> None:
         f"\nmodel {args.model} ({model_bytes / 1e6:.0f} MB BF16), calibration "
         f"{args.samples} x {args.seq_len}\n"
     )
-    print("| measure | bare ModelOpt | pipeline.run | ratio |")
+    print("| measure | bare ModelOpt | the job | ratio |")
     print("| --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
@@ -190,6 +268,8 @@ def main() -> None:
         "seq_len": args.seq_len,
         "bare": b,
         "pipeline": p,
+        "job": j,
+        "job_ratio_without_eval": (j["wall_s"] - j["eval_s"]) / b["wall_s"],
         "wall_ratio_without_eval": work_ratio,
         "wall_ratio": p["wall_s"] / b["wall_s"],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
