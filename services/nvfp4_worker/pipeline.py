@@ -114,10 +114,15 @@ def _device(settings: Settings) -> torch.device:
 
 
 def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
-    # Calibration data first: looking it up takes a second, a model download may take an
-    # hour.
-    calib = sources.resolve_calibration(spec.calib_dataset, settings)
-    source = sources.resolve_model(spec.model, settings)
+    # Cheap checks first, so bad input fails at once: a local model folder, then the
+    # calibration data (a hub lookup takes a second); a model download, which may take an
+    # hour, last.
+    if sources.needs_download(spec.model):
+        calib = sources.resolve_calibration(spec.calib_dataset, settings)
+        source = sources.resolve_model(spec.model, settings)
+    else:
+        source = sources.resolve_model(spec.model, settings)
+        calib = sources.resolve_calibration(spec.calib_dataset, settings)
     info = checkpoint.inspect_config(source.path, spec.model)
     if info.max_positions is not None and spec.calib_seq_len > info.max_positions:
         raise JobError(

@@ -82,6 +82,11 @@ def _is_hub_id(name: str) -> bool:
     return bool(HF_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
+def needs_download(name: str) -> bool:
+    """True for a hub id with no local folder of that name: resolve_model downloads it."""
+    return _is_hub_id(name) and not _local_path(name, "model path").exists()
+
+
 def resolve_model(name: str, settings: Settings) -> ModelSource:
     """A local folder (confined) or a hub id downloaded into / read from the HF cache."""
     local = _local_path(name, "model path")

@@ -157,6 +157,10 @@ def serve_fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]
 
     # In the pod the client reads the mounted ServiceAccount token; here, the kubeconfig.
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    # The client reads KUBECONFIG once, when it is first imported: another test may have.
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig")
+    )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.chdir(tmp_path)  # no stray .env
     yield start

@@ -340,6 +340,10 @@ def fake_kubernetes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         )
     )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # The client reads KUBECONFIG once, when it is first imported: another test may have.
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
+    )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     yield fake
     server.shutdown()
