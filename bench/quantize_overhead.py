@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,11 +69,24 @@ def bare(args: argparse.Namespace) -> dict[str, float]:
     return {"wall_s": time.monotonic() - t0, "peak_rss": _peak_rss(), "rss_before": rss0}
 
 
+def _spec(args: argparse.Namespace, out: Path) -> Any:
+    """The job both `pipeline` and `job` run: no held-out perplexity, as the bare script."""
+    from nvfp4_common.jobs import JobSpec
+
+    return JobSpec(
+        model=args.model,
+        calib_dataset=args.data,
+        calib_samples=args.samples,
+        calib_seq_len=args.seq_len,
+        eval_samples=0,
+        output_name=out.name,
+    )
+
+
 def pipeline(args: argparse.Namespace) -> dict[str, float]:
     import modelopt.torch.quantization  # noqa: F401 - import cost excluded, as in bare
     import transformers  # noqa: F401
 
-    from nvfp4_common.jobs import JobSpec
     from nvfp4_common.settings import Settings
     from nvfp4_worker import pipeline as job_pipeline
     from nvfp4_worker.reporter import PrintReporter
@@ -85,14 +99,7 @@ def pipeline(args: argparse.Namespace) -> dict[str, float]:
         min_free_disk_gb=0.1,
         _env_file=None,  # type: ignore[call-arg]
     )
-    spec = JobSpec(
-        model=args.model,
-        calib_dataset=args.data,
-        calib_samples=args.samples,
-        calib_seq_len=args.seq_len,
-        eval_samples=0,
-        output_name=out.name,
-    )
+    spec = _spec(args, out)
     rss0 = _rss_now()
     t0 = time.monotonic()
     job_pipeline.run(spec, settings, PrintReporter(), "bench")
@@ -114,7 +121,7 @@ def job(args: argparse.Namespace, out: Path) -> dict[str, float]:
     """Submit -> succeeded through Redis and a worker process, as `nvfp4ctl jobs submit`."""
     import os
 
-    from nvfp4_common.jobs import JobSpec, JobState
+    from nvfp4_common.jobs import JobState
     from nvfp4_common.queue import JobQueue
     from nvfp4_common.settings import Settings
     from tests.conftest import RedisServer
@@ -135,14 +142,7 @@ def job(args: argparse.Namespace, out: Path) -> dict[str, float]:
         }
         settings = Settings(redis_url=server.url, models_dir=out.parent, _env_file=None)  # type: ignore[call-arg]
         queue = JobQueue(settings)
-        spec = JobSpec(
-            model=args.model,
-            calib_dataset=args.data,
-            calib_samples=args.samples,
-            calib_seq_len=args.seq_len,
-            eval_samples=0,
-            output_name=out.name,
-        )
+        spec = _spec(args, out)
         # A worker already waiting, as in production: its own start-up is not the job's.
         log = out.parent / "worker.log"
         with log.open("wb") as sink:
