@@ -22,7 +22,11 @@ def test_one_line_collapses_whitespace_and_caps_the_length() -> None:
 
 
 def test_multi_line_job_error_is_recorded_in_one_line(
-    settings: Settings, queue: JobQueue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    queue: JobQueue,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model: Path,
 ) -> None:
     # A real input whose error text spans lines: a calibration folder holding a file whose
     # name has a newline in it, linked outside the folder.
@@ -31,9 +35,10 @@ def test_multi_line_job_error_is_recorded_in_one_line(
     (tmp_path / "secret.txt").write_text("not for jobs")
     (data / "ok.txt").write_text("calibration text")
     (data / "two\nlines.txt").symlink_to(tmp_path / "secret.txt")
-    cfg = settings.model_copy(update={"model_roots": [data]})
+    # The model is real (a local model is checked before the calibration data).
+    cfg = settings.model_copy(update={"model_roots": [data, tiny_model.parent]})
     monkeypatch.setattr(runner, "get_settings", lambda: cfg)
-    job = queue.submit(JobSpec(model=str(tmp_path / "model"), calib_dataset=str(data)))
+    job = queue.submit(JobSpec(model=str(tiny_model), calib_dataset=str(data)))
     claimed = queue.claim("worker-1")
     assert claimed is not None and claimed.id == job.id
 
