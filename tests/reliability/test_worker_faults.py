@@ -187,8 +187,21 @@ def test_redis_restart_loses_no_job_and_everyone_reconnects(
             time.sleep(2)  # the worker and the CLI see Redis gone
             aof_redis.start()
 
+            # Nothing lost and nothing moved back. The running job may finish in the
+            # moment after the restart (its outcome write waits for Redis), so a state
+            # can only stay or move forward.
             after = {job.id: job.state for job in q.jobs()}
-            assert after == before, "jobs changed across the restart"
+            assert after.keys() == before.keys(), "jobs lost across the restart"
+            forward = {
+                JobState.QUEUED: {JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED},
+                JobState.RUNNING: {JobState.RUNNING, JobState.SUCCEEDED},
+                JobState.SUCCEEDED: {JobState.SUCCEEDED},  # the high-priority one ran first
+            }
+            moved_back = {
+                i: (before[i], after[i]) for i in before if after[i] not in forward[before[i]]
+            }
+            assert not moved_back, moved_back
+            assert before[running.id] == JobState.RUNNING
             ids = [running.id, *(job.id for job in waiting)]
             done = [wait_for(q, job_id, ended, timeout=300) for job_id in ids]
             assert watch.wait(60) == 0
