@@ -16,10 +16,11 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 
 from nvfp4_common.checkpoint_files import check_folder
+from nvfp4_common.meminfo import read_meminfo
 from nvfp4_common.settings import Settings, get_settings
 from nvfp4_serve.checkpoint import Checkpoint, CheckpointError, inspect_checkpoint, resolve_local
 from nvfp4_serve.config import ServeArgs, load_args
-from nvfp4_serve.preflight import GIB, plan_memory, read_meminfo
+from nvfp4_serve.preflight import GIB, plan_memory
 
 logger = logging.getLogger(__name__)
 

@@ -6,14 +6,15 @@ real cap: an engine that asks for 90% of "GPU memory" can push the host into the
 OOM killer. The same holds for vLLM's CPU build. So we compare what the model
 needs against /proc/meminfo's MemAvailable and refuse early with numbers.
 
-Everything here is a pure function of its inputs; `read_meminfo` is the only I/O.
+Everything here is a pure function of its inputs (the caller reads /proc/meminfo).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
+
+from nvfp4_common.meminfo import parse_meminfo
 
 GIB = 1024**3
 # Leave this much of MemAvailable to the OS, Ray and the HTTP proxy.
@@ -47,23 +48,6 @@ class MemoryPlan:
 
 def gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """/proc/meminfo as bytes per field ("MemAvailable: 123 kB" -> 125952)."""
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if not parts or not parts[0].isdigit():
-            continue
-        scale = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
-        out[name.strip()] = int(parts[0]) * scale
-    return out
-
-
-def read_meminfo(path: Path = Path("/proc/meminfo")) -> str:
-    return path.read_text()
 
 
 def plan_memory(

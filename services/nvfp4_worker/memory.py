@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
+from nvfp4_common.meminfo import MEMINFO, parse_meminfo, read_meminfo
 from nvfp4_worker.errors import JobError
 
 GIB = 1024**3
 RUNTIME_BYTES = 2 * GIB
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
-MEMINFO = Path("/proc/meminfo")
 # cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
 _NO_LIMIT = 2**62
 # Bytes per element of the source's dominant safetensors dtype (checkpoint.weights_dtype);
@@ -118,15 +118,9 @@ def cgroup_limit(v2: Path = CGROUP_V2_MAX, v1: Path = CGROUP_V1_LIMIT) -> int | 
 def mem_available(meminfo: Path = MEMINFO) -> int | None:
     """MemAvailable of /proc/meminfo in bytes; None where it cannot be read."""
     try:
-        lines = meminfo.read_text().splitlines()
+        return parse_meminfo(read_meminfo(meminfo)).get("MemAvailable")
     except OSError:
         return None
-    for line in lines:
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if name.strip() == "MemAvailable" and parts and parts[0].isdigit():
-            return int(parts[0]) * (1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1)
-    return None
 
 
 def room(v2: Path | None = None, v1: Path | None = None, meminfo: Path | None = None) -> Room:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from nvfp4_common.meminfo import parse_meminfo
 from nvfp4_common.settings import Settings
 from nvfp4_serve.checkpoint import CheckpointError, inspect_checkpoint
 from nvfp4_serve.config import load_args
-from nvfp4_serve.preflight import GIB, PreflightError, parse_meminfo, plan_memory
+from nvfp4_serve.preflight import GIB, PreflightError, plan_memory
 
 
 def meminfo(total_gib: float, available_gib: float) -> str:
