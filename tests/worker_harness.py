@@ -91,6 +91,18 @@ def calibrating(q: JobQueue, job_id: str) -> None:
     assert not job.state.ended, f"job ended before calibrating: {job.error}"
 
 
+def kill_while_calibrating(q: JobQueue, job_id: str, worker: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker's job process once `job_id` calibrates, as an OOM kill does."""
+    child = job_process(worker)
+    calibrating(q, job_id)
+    child.kill()
+
+
+def published(settings: Settings) -> list[str]:
+    """The folders in the models directory: finished outputs, and any left-over temp."""
+    return sorted(p.name for p in settings.models_dir.iterdir())
+
+
 def spec(model: Path, calib: Path, **kw: object) -> JobSpec:
     """A small job: a few short calibration samples, two evaluation samples."""
     fields: dict[str, object] = {

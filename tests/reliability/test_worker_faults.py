@@ -26,7 +26,16 @@ from nvfp4_common.jobs import JobState, Priority
 from nvfp4_common.queue import JobQueue
 from nvfp4_common.settings import Settings
 from tests.conftest import RedisServer
-from tests.worker_harness import Workers, calibrating, ended, job_process, spec, wait_for
+from tests.worker_harness import (
+    Workers,
+    calibrating,
+    ended,
+    job_process,
+    kill_while_calibrating,
+    published,
+    spec,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +69,7 @@ def test_worker_killed_during_calibration_is_retried_and_publishes_once(
         "stopped sending heartbeats" in line or "attempt 2" in line for line in q.logs(job.id)
     )
     # Published exactly once, and no temporary folder left behind.
-    assert sorted(p.name for p in q.settings.models_dir.iterdir()) == ["survivor"]
+    assert published(q.settings) == ["survivor"]
     record_stat("worker_sigkill", faults=1, jobs=1, jobs_lost=0)
 
 
@@ -76,9 +85,7 @@ def test_job_process_killed_alone_is_requeued_or_failed_and_the_worker_runs_on(
     single = JobQueue(job_settings.model_copy(update={"max_attempts": 1}))
     last = single.submit(spec(tiny_model, calib_file, calib_samples=500, calib_seq_len=128))
     worker = start_worker()
-    child = job_process(worker)
-    calibrating(q, last.id)
-    child.kill()  # SIGKILL to the job process alone, as the kernel's OOM killer sends it
+    kill_while_calibrating(q, last.id, worker)  # the job process alone, not the worker
     failed = wait_for(q, last.id, ended, timeout=60)
     assert failed.state == JobState.FAILED and failed.attempts == 1
     assert failed.error == "job process killed by SIGKILL (out of memory?) on attempt 1 of 1"
@@ -86,16 +93,14 @@ def test_job_process_killed_alone_is_requeued_or_failed_and_the_worker_runs_on(
 
     # Attempts left: re-queued, and the same worker runs it again to success.
     job = q.submit(spec(tiny_model, calib_file, calib_samples=64, output_name="after-oom"))
-    child = job_process(worker)
-    calibrating(q, job.id)
-    child.kill()
+    kill_while_calibrating(q, job.id, worker)
     done = wait_for(q, job.id, ended)
     assert done.state == JobState.SUCCEEDED, done.error
     assert done.attempts == 2  # the killed attempt counts
     reason = "job process killed by SIGKILL (out of memory?) on attempt 1 of 3; re-queued"
     assert any(line.endswith(reason) for line in q.logs(job.id)), q.logs(job.id)
     assert worker.poll() is None
-    assert sorted(p.name for p in q.settings.models_dir.iterdir()) == ["after-oom"]
+    assert published(q.settings) == ["after-oom"]
     record_stat("job_process_sigkill", faults=2, jobs=2, jobs_lost=0)
 
 
@@ -217,8 +222,7 @@ def test_redis_restart_loses_no_job_and_everyone_reconnects(
     assert "redis unavailable" in worker_log.read_text()
     watched = cli_log.read_text()
     assert "redis unavailable" in watched and "succeeded:" in watched, watched
-    names = sorted(p.name for p in settings.models_dir.iterdir())
-    assert names == ["queued-0", "queued-1", "queued-2", "through-restart"]
+    assert published(settings) == ["queued-0", "queued-1", "queued-2", "through-restart"]
     record_stat("redis_restart", faults=1, jobs=4, jobs_lost=0)
 
 
