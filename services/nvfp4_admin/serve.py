@@ -243,7 +243,11 @@ def scale(
 @click.option("--follow", "-f", is_flag=True, help="Keep printing the first replica's log.")
 @pass_app
 def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: bool) -> None:
-    """Print the replicas' logs through Ray's log API."""
+    """Print the replicas' logs through Ray's log API.
+
+    A replica Ray has not placed yet (starting, or pending resources) has no log; it is
+    listed with its state.
+    """
     details = app.ray.serve_details()
     name = app_name or _live_app(app, details)
     if name not in details["applications"]:
@@ -255,9 +259,14 @@ def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: b
     ]
     if not replicas:
         raise click.ClickException(f"{name} has no replicas")
+    printed = 0
     for dep, r in replicas:
         params = _log_params(r, kind)
         click.echo(f"==> {name}/{dep} replica {r.get('replica_id', r.get('actor_id'))} <==")
+        if params is None:
+            click.echo(f"(no log yet: the replica is {r.get('state', 'not placed')})")
+            continue
+        printed += 1
         if follow:
             for line in app.ray.follow_log({**params, "lines": lines}):
                 click.echo(line)
@@ -266,6 +275,8 @@ def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: b
             click.echo(app.ray.log_file(params["node_id"], params["filename"], lines), nl=False)
         else:
             click.echo(app.ray.actor_log(params["actor_id"], kind, lines), nl=False)
+    if not printed:
+        raise click.ClickException(f"no replica of {name} has a log yet; try again shortly")
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -320,12 +331,13 @@ def _pick_deployment(app_name: str, deployments: list[str]) -> str:
     )
 
 
-def _log_params(replica: dict[str, Any], kind: str) -> dict[str, Any]:
+def _log_params(replica: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """Where Ray keeps this replica's log; None before Ray has placed it."""
     if kind == "serve" and replica.get("log_file_path") and replica.get("node_id"):
         return {"node_id": replica["node_id"], "filename": replica["log_file_path"]}
     if replica.get("actor_id"):
         return {"actor_id": replica["actor_id"], "suffix": "err" if kind == "serve" else kind}
-    raise click.ClickException("Ray reported no log location for the replica")
+    return None
 
 
 def _app_summary(name: str, a: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`nvfp4ctl serve` against a real Ray Serve + vLLM (CPU) cluster, with a client sending
-requests the whole time: deploy a job's checkpoint, scale 1 -> 2 -> 1, roll back, and not
-one request may fail."""
+requests the whole time: deploy a job's checkpoint, scale 1 -> 2 -> 1, set autoscaling
+bounds, read the replicas' logs, roll back, and not one request may fail."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from nvfp4_admin.serve_config import apps_on_route
 from nvfp4_common.jobs import JobResult, JobSpec
 from nvfp4_common.queue import JobQueue
 from nvfp4_common.settings import Settings
@@ -127,6 +129,24 @@ def wait_replicas(cluster: ServeCluster, redis_url: str, want: int, timeout_s: f
     raise AssertionError(f"never reached {want} replicas: {apps}")
 
 
+def engine_autoscaling(cluster: ServeCluster, timeout_s: float) -> dict[str, Any]:
+    """The autoscaling config Ray applied to the live app's engine (Ray's own API), once
+    the redeploy has run: while Ray rebuilds the app its deployments are not listed."""
+    deadline = time.time() + timeout_s
+    while True:
+        r = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=30)
+        r.raise_for_status()
+        details = r.json()
+        (live,) = apps_on_route(details, "/")  # a replaced app may linger as DELETING
+        app = details["applications"][live]
+        engines = [d for name, d in app["deployments"].items() if name.startswith("LLMServer")]
+        config = engines[0]["deployment_config"] if engines else {}
+        if config.get("autoscaling_config") or time.time() > deadline:
+            assert config.get("autoscaling_config"), app
+            return dict(config["autoscaling_config"])
+        time.sleep(2)
+
+
 def test_deploy_from_a_job_scale_and_rollback_without_a_failed_request(
     cluster: ServeCluster, models: tuple[Path, Path], settings: Settings, redis_url: str
 ) -> None:
@@ -157,6 +177,11 @@ def test_deploy_from_a_job_scale_and_rollback_without_a_failed_request(
         wait_replicas(cluster, redis_url, 2, timeout_s=600)
         ctl(cluster, redis_url, "serve", "scale", "--replicas", "1")
         wait_replicas(cluster, redis_url, 1, timeout_s=300)
+        ctl(cluster, redis_url, "serve", "scale", "--min", "1", "--max", "2")
+        autoscaling = engine_autoscaling(cluster, timeout_s=120)
+        assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 2)
+        logs = ctl(cluster, redis_url, "serve", "logs", "-n", "20")
+        out = ctl(cluster, redis_url, "serve", "logs", "--kind", "out", "-n", "20")
 
         ctl(cluster, redis_url, "serve", "rollback")
         time.sleep(2)
@@ -165,6 +190,11 @@ def test_deploy_from_a_job_scale_and_rollback_without_a_failed_request(
     assert len(prober.results) > 50
     assert prober.failures() == [], prober.failures()[:5]
     assert pinned.failures() == [], pinned.failures()[:5]
+    # A section per replica of the live app (ingress and engine; a replica still starting
+    # says so), with Serve's log lines ("INFO <time> <deployment> <replica> -- ...").
+    assert "Ingress replica" in logs and "/LLMServer:" in logs, logs
+    assert " -- " in logs.split("<==", 1)[1], logs
+    assert "/LLMServer:" in out, out
     # Traffic moved to the new model and back, with no gap.
     assert prober.models_seen() == [bf16.name, nvfp4.name, bf16.name]
     assert pinned.models_seen() == [bf16.name, nvfp4.name, bf16.name]

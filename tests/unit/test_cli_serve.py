@@ -42,6 +42,8 @@ class FakeRay:
         self.apps: dict[str, dict[str, Any]] = {}
         self.puts: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        # Replicas Ray has not placed yet (no actor, no log file), added to each deployment.
+        self.pending_replicas = 0
 
     @staticmethod
     def code_version(cfg: dict[str, Any]) -> str:
@@ -110,6 +112,11 @@ class FakeRay:
                                 "start_time_s": a["deployed_at"],
                                 "log_file_path": f"/serve/replica_{name}_{dep}.log",
                             }
+                        ]
+                        + [
+                            # As Ray 2.60 lists a replica waiting for resources.
+                            {"replica_id": f"{dep}-p{i}", "state": "PENDING_ALLOCATION"}
+                            for i in range(self.pending_replicas)
                         ],
                     }
                     for dep in ("OpenAiIngress", "LLMServer:model")
@@ -514,6 +521,18 @@ def test_logs_strip_the_leading_slash(fake_ray: tuple[FakeRay, str], redis_url: 
     assert "serve/replica_nvfp4_LLMServer:model.log last 5 lines" in out.output
     out = _invoke(url, redis_url, "serve", "logs", "--kind", "err")
     assert "actor-nvfp4-OpenAiIngress err" in out.output
+
+
+def test_logs_list_a_replica_without_a_log_and_go_on(
+    fake_ray: tuple[FakeRay, str], redis_url: str
+) -> None:
+    fake, url = fake_ray
+    _live_config(fake)
+    fake.pending_replicas = 1
+    out = _invoke(url, redis_url, "serve", "logs", "-n", "5")
+    assert out.exit_code == 0, out.output
+    assert out.output.count("(no log yet: the replica is PENDING_ALLOCATION)") == 2
+    assert "serve/replica_nvfp4_LLMServer:model.log last 5 lines" in out.output
 
 
 def test_unreachable_dashboard_is_one_line(redis_url: str) -> None:
