@@ -240,7 +240,12 @@ def scale(
     show_default=True,
     help="serve: the replicas' Serve logs; out/err: their stdout/stderr (vLLM's own output).",
 )
-@click.option("--follow", "-f", is_flag=True, help="Keep printing the first replica's log.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep printing the first replica's log (of those that have one).",
+)
 @pass_app
 def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: bool) -> None:
     """Print the replicas' logs through Ray's log API.
