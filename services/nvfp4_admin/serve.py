@@ -10,6 +10,7 @@ import click
 from nvfp4_admin import serve_config as sc
 from nvfp4_admin.context import AppContext, json_option, pass_app
 from nvfp4_admin.output import emit_json, table
+from nvfp4_admin.ray_client import RayApiError
 from nvfp4_admin.rollout import Rollout, RolloutError, RolloutOptions
 from nvfp4_common.checkpoint_files import CheckpointError, check_folder
 from nvfp4_common.jobs import JobState
@@ -250,8 +251,8 @@ def scale(
 def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: bool) -> None:
     """Print the replicas' logs through Ray's log API.
 
-    A replica Ray has not placed yet (starting, or pending resources) has no log; it is
-    listed with its state.
+    A replica Ray has not placed yet (starting, or pending resources) has no log, and a
+    just-started one may not have written it yet; both are listed with the reason.
     """
     details = app.ray.serve_details()
     name = app_name or _live_app(app, details)
@@ -265,22 +266,32 @@ def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: b
     if not replicas:
         raise click.ClickException(f"{name} has no replicas")
     printed = 0
+    unreadable: list[RayApiError] = []
     for dep, r in replicas:
         params = _log_params(r, kind)
         click.echo(f"==> {name}/{dep} replica {r.get('replica_id', r.get('actor_id'))} <==")
         if params is None:
             click.echo(f"(no log yet: the replica is {r.get('state', 'not placed')})")
             continue
-        printed += 1
         if follow:
             for line in app.ray.follow_log({**params, "lines": lines}):
                 click.echo(line)
             return
-        if "filename" in params:
-            click.echo(app.ray.log_file(params["node_id"], params["filename"], lines), nl=False)
-        else:
-            click.echo(app.ray.actor_log(params["actor_id"], kind, lines), nl=False)
+        try:
+            if "filename" in params:
+                text = app.ray.log_file(params["node_id"], params["filename"], lines)
+            else:
+                text = app.ray.actor_log(params["actor_id"], kind, lines)
+        except RayApiError as e:
+            click.echo(f"(log not readable: {e})")
+            unreadable.append(e)
+            continue
+        click.echo(text, nl=False)
+        printed += 1
     if not printed:
+        # The same error for every replica (a refused token, say) is that error.
+        if unreadable:
+            raise unreadable[-1]
         raise click.ClickException(f"no replica of {name} has a log yet; try again shortly")
 
 

@@ -44,6 +44,8 @@ class FakeRay:
         self.lock = threading.Lock()
         # Replicas Ray has not placed yet (no actor, no log file), added to each deployment.
         self.pending_replicas = 0
+        # Log files whose name contains one of these are not found (not written yet).
+        self.unreadable_logs: set[str] = set()
 
     @staticmethod
     def code_version(cfg: dict[str, Any]) -> str:
@@ -184,6 +186,8 @@ def _handler(fake: FakeRay) -> type[BaseHTTPRequestHandler]:
                 if q.get("filename", "").startswith("/"):
                     # Ray resolves '/x' as an absolute path outside its log folder.
                     self._send(500, f"A file is not found at: {q['filename']}")
+                elif any(part in q.get("filename", "") for part in fake.unreadable_logs):
+                    self._send(404, f"A file is not found at: {q['filename']}")
                 elif "filename" in q:
                     self._send(200, f"{q['filename']} last {q.get('lines')} lines\n")
                 else:
@@ -533,6 +537,18 @@ def test_logs_list_a_replica_without_a_log_and_go_on(
     assert out.exit_code == 0, out.output
     assert out.output.count("(no log yet: the replica is PENDING_ALLOCATION)") == 2
     assert "serve/replica_nvfp4_LLMServer:model.log last 5 lines" in out.output
+
+    # A log Ray cannot read yet (a replica that has just started) is said, and the rest
+    # printed; when no log can be read, the command fails with Ray's reason in one line.
+    fake.unreadable_logs = {"replica_nvfp4_OpenAiIngress"}
+    out = _invoke(url, redis_url, "serve", "logs", "-n", "5")
+    assert out.exit_code == 0, out.output
+    assert "(log not readable: " in out.output and "HTTP 404" in out.output
+    assert "serve/replica_nvfp4_LLMServer:model.log last 5 lines" in out.output
+    fake.unreadable_logs = {"replica_nvfp4_"}
+    out = _invoke(url, redis_url, "serve", "logs", "-n", "5")
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines()[-1].startswith("Error: Ray's dashboard at ")
 
 
 def test_unreachable_dashboard_is_one_line(redis_url: str) -> None:
