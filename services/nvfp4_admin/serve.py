@@ -266,7 +266,7 @@ def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: b
     if not replicas:
         raise click.ClickException(f"{name} has no replicas")
     printed = 0
-    unreadable: list[RayApiError] = []
+    unreadable: RayApiError | None = None
     for dep, r in replicas:
         params = _log_params(r, kind)
         click.echo(f"==> {name}/{dep} replica {r.get('replica_id', r.get('actor_id'))} <==")
@@ -284,14 +284,14 @@ def logs(app: AppContext, app_name: str | None, lines: int, kind: str, follow: b
                 text = app.ray.actor_log(params["actor_id"], kind, lines)
         except RayApiError as e:
             click.echo(f"(log not readable: {e})")
-            unreadable.append(e)
+            unreadable = e
             continue
         click.echo(text, nl=False)
         printed += 1
     if not printed:
         # The same error for every replica (a refused token, say) is that error.
         if unreadable:
-            raise unreadable[-1]
+            raise unreadable
         raise click.ClickException(f"no replica of {name} has a log yet; try again shortly")
 
 
