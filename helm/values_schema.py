@@ -20,6 +20,10 @@ from typing import Any
 
 import yaml
 
+# build_app owns these engine args; repeating them in engine_kwargs is refused by the app
+# as well (nvfp4_common.serving.ServingConfig).
+from nvfp4_common.serving import OWNED_ENGINE_ARGS
+
 CHART = Path(__file__).resolve().parent / "nvfp4-stack"
 VALUES = CHART / "values.yaml"
 SCHEMA = CHART / "values.schema.json"
@@ -36,8 +40,6 @@ ACCESS_MODES: Schema = {
     "minItems": 1,
     "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
 }
-# build_app owns these; repeating them in engine_kwargs is refused by the app as well.
-OWNED_ENGINE_ARGS = ("model", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size")
 
 
 def minimum(low: int) -> Schema:

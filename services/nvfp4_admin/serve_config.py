@@ -15,12 +15,17 @@ import json
 import secrets
 from typing import Any
 
-# Builder arguments of nvfp4_serve.app:build_app (nvfp4_serve.config.ServeArgs): the
-# checkpoint folder as the replicas see it, and the model id clients send.
-MODEL_ARG = "model"
-SERVED_NAME_ARG = "model_name"
-ALIASES_ARG = "model_aliases"
-AUTOSCALING_ARG = "autoscaling"
+# Builder arguments of nvfp4_serve.app:build_app, named by its one model (ServeArgs).
+from nvfp4_common.serving import (
+    ALIASES_ARG,
+    AUTOSCALING_ARG,
+    AUTOSCALING_KEYS,
+    MODEL_ARG,
+    NUM_REPLICAS_ARG,
+    SERVED_NAME_ARG,
+)
+from nvfp4_common.serving import served_name as served_name_of
+
 # Where a new application waits, reachable through the proxy, before it takes traffic.
 STAGING_ROOT = "/_staging"
 # Extra replicas Ray may start during a rolling restart (Ray >= 2.60; older Rays ignore
@@ -128,12 +133,11 @@ def _carry_engine_overrides(deployments: list[dict[str, Any]], args: dict[str, A
             kept.append(dep)
             continue
         if isinstance(dep.get("num_replicas"), int):
-            args["num_replicas"] = dep["num_replicas"]
+            args[NUM_REPLICAS_ARG] = dep["num_replicas"]
             args.pop(AUTOSCALING_ARG, None)
         auto = dep.get("autoscaling_config")
         if isinstance(auto, dict):
-            keys = ("min_replicas", "max_replicas", "target_ongoing_requests")
-            args[AUTOSCALING_ARG] = {k: auto[k] for k in keys if k in auto}
+            args[AUTOSCALING_ARG] = {k: auto[k] for k in AUTOSCALING_KEYS if k in auto}
     return kept
 
 
@@ -193,13 +197,14 @@ def scaled_app(
 
 
 def served_name(app: dict[str, Any]) -> str | None:
-    """The model id clients send to an application config (the rule of build_app's
-    ServeArgs.served_name); None when its builder args name no model."""
+    """The model id clients send to an application config (build_app's rule); None when
+    its builder args name no model."""
     args = app.get("args") or {}
-    if args.get(SERVED_NAME_ARG):
-        return str(args[SERVED_NAME_ARG])
+    name = args.get(SERVED_NAME_ARG)
+    if name:
+        return str(name)
     model = args.get(MODEL_ARG)
-    return str(model).rstrip("/").split("/")[-1] if model else None
+    return served_name_of(str(model), None) if model else None
 
 
 def with_aliases(app: dict[str, Any], replaced: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,16 +10,33 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nvfp4_common.serving import ServingConfig, config_from_settings, settings_fields
 
 DEV_REDIS_URL = "redis://localhost:6379/0"
 
 
-class Settings(BaseSettings):
+if TYPE_CHECKING:
+    _ServeSettings = BaseModel
+else:
+    # The NVFP4_SERVE_* settings of the serving config, generated from its one model.
+    _ServeSettings = create_model("_ServeSettings", **settings_fields())
+
+
+class Settings(BaseSettings, _ServeSettings):
     """Settings shared by the worker, the serving app and the admin CLI."""
 
     model_config = SettingsConfigDict(
@@ -100,86 +117,14 @@ class Settings(BaseSettings):
         " 0 disables it.",
     )
 
-    # --- serving (nvfp4_serve; build_app args override these) -------------------------
-    serve_model: str | None = Field(
-        None, description="Checkpoint to serve: a local folder or a Hugging Face id (org/name)."
-    )
-    serve_model_name: str | None = Field(
-        None, description="Model id clients send as `model`; defaults to the folder/repo name."
-    )
-    serve_max_model_len: int = Field(
-        8192,
-        gt=0,
-        description="Context length; lowered (with a warning) to the model's"
-        " max_position_embeddings.",
-    )
-    serve_gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="vLLM's share of GPU memory for weights and KV cache."
-    )
-    serve_tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica.")
-    serve_accelerator: Literal["gpu", "cpu"] = Field(
-        "gpu", description="`cpu` runs vLLM's CPU build (tests, laptops); NVFP4 is emulated."
-    )
-    serve_num_replicas: int = Field(
-        1, ge=1, description="Fixed engine replicas (ignored when autoscaling is on)."
-    )
-    serve_autoscaling: bool = Field(
-        False, description="Let Ray Serve scale replicas between min and max replicas."
-    )
-    serve_min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
-    serve_max_replicas: int = Field(2, ge=1, description="Autoscaling upper bound.")
-    serve_target_ongoing_requests: int = Field(
-        16, ge=1, description="Autoscaling target: in-flight requests per replica."
-    )
-    serve_engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Extra vLLM engine arguments, passed through untouched (JSON object).",
-    )
+    # --- serving (nvfp4_serve) --------------------------------------------------------
+    # Every other serve_ setting comes from nvfp4_common.serving.ServingConfig (see
+    # _ServeSettings); build_app args override them. The keys are a setting only: as a
+    # build_app arg they would be stored in Ray's GCS and shown on its dashboard.
     serve_api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Accepted Bearer tokens (JSON list). Required in production unless a key"
         " file is set.",
-    )
-    serve_api_key_file: Path | None = Field(
-        None,
-        description="File with one API key per line (a mounted secret); re-read when it changes.",
-    )
-    serve_preflight: bool = Field(
-        True,
-        description="Before starting, check that weights + KV cache fit the free memory of this"
-        " host (CPU serving, or GPUs that share host memory).",
-    )
-    serve_unified_memory: bool = Field(
-        False,
-        description="GPU and CPU share memory (DGX Spark/GB10): gpu_memory_utilization is no"
-        " real cap, so preflight checks MemAvailable.",
-    )
-    serve_memory_overhead_gb: float = Field(
-        2.0, ge=0, description="Preflight allowance for activations, CUDA graphs and runtime."
-    )
-    serve_readiness_prompt: str = Field(
-        "Hello", min_length=1, description="Prompt of the 1-token generation behind /readyz."
-    )
-    serve_quantization: Literal["auto", "none", "modelopt_fp4", "modelopt"] = Field(
-        "auto",
-        description="vLLM quantization: auto reads hf_quant_config.json (NVFP4 ->"
-        " modelopt_fp4, FP8 -> modelopt); none serves the weights as stored.",
-    )
-    serve_stream_batching_interval_ms: float = Field(
-        50,
-        ge=0,
-        description="Ray Serve LLM sends a stream's tokens in one message per interval; 0"
-        " sends every token alone.",
-    )
-    serve_first_chunk_now: bool = Field(
-        True,
-        description="Send a stream's first chunk as soon as the engine yields it (false:"
-        " Ray's batcher, which holds it for one interval).",
-    )
-    serve_cpu_weight_cache: bool = Field(
-        True,
-        description="CPU only: unpack NVFP4 weights once at load (about 3.5x the packed size in"
-        " RAM, about 10x faster) instead of on every forward pass.",
     )
 
     # --- admin CLI --------------------------------------------------------------------
@@ -249,6 +194,11 @@ class Settings(BaseSettings):
     @property
     def worker_name(self) -> str:
         return f"{self.worker_id}-{os.getpid()}"
+
+    @property
+    def serving(self) -> ServingConfig:
+        """The serve_ settings as the serving config (what build_app args override)."""
+        return ServingConfig.model_validate(config_from_settings(self))
 
 
 def mask_url(url: str) -> str:
