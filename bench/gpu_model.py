@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.fixtures import text  # noqa: E402
+from devkit import text
+from devkit.models import train_bpe
 
 QWEN3_8B: dict[str, Any] = {
     "hidden_size": 4096,
@@ -39,25 +36,15 @@ QWEN3_8B: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
 }
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BPE_VOCAB = 8192  # learned merges; the rest of the ids are fillers
 
 
 def padded_tokenizer(vocab_size: int, learned: int = BPE_VOCAB) -> Any:
     """A byte-level BPE tokenizer with exactly `vocab_size` ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=learned,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator([text.corpus(1_000_000)], trainer=trainer)
-    data = json.loads(bpe.to_str())
+    data = json.loads(train_bpe(learned, text_chars=1_000_000).to_str())
     vocab: dict[str, int] = data["model"]["vocab"]
     # Fillers are made of printable ASCII, which the byte-level alphabet maps to itself,
     # so they decode to visible text; no merge produces them, so encoding never does.

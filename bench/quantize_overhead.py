@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _peak_rss() -> int:
@@ -121,10 +120,10 @@ def job(args: argparse.Namespace, out: Path) -> dict[str, float]:
     """Submit -> succeeded through Redis and a worker process, as `nvfp4ctl jobs submit`."""
     import os
 
+    from devkit.redis_server import RedisServer
     from nvfp4_common.jobs import JobState
     from nvfp4_common.queue import JobQueue
     from nvfp4_common.settings import Settings
-    from tests.conftest import RedisServer
 
     server = RedisServer(out.parent / "redis")
     server.start()
@@ -196,7 +195,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from tests.fixtures import models, text
+    from devkit import models, text
 
     work = Path(tempfile.mkdtemp(prefix="nvfp4-bench-"))
     args.model = args.model or str(models.make_smollm2())

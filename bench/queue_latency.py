@@ -20,13 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from devkit.redis_server import RedisServer
+from nvfp4_common.jobs import JobSpec
+from nvfp4_common.queue import JobQueue
+from nvfp4_common.settings import Settings
 
-from nvfp4_common.jobs import JobSpec  # noqa: E402
-from nvfp4_common.queue import JobQueue  # noqa: E402
-from nvfp4_common.settings import Settings  # noqa: E402
-from tests.conftest import RedisServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVE_VENV = ROOT / ".venv-serve"
 SERVE_PYTHON = SERVE_VENV / "bin" / "python"
 MARKER = "NVFP4_TEST_CLUSTER_ID"
@@ -318,8 +318,9 @@ def make_test_models(directory: Path) -> tuple[Path, Path]:
     from nvfp4_common.settings import Settings
     from nvfp4_worker.pipeline import run
     from nvfp4_worker.reporter import PrintReporter
-    from tests.fixtures.models import make_tiny_qwen3
-    from tests.fixtures.text import write_text_file
+
+    from .models import make_tiny_qwen3
+    from .text import write_text_file
 
     sources = directory / "sources"
     bf16 = make_tiny_qwen3(sources / "tiny-qwen3-bf16")
