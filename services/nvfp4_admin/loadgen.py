@@ -1,8 +1,20 @@
 """Streaming load against an OpenAI-compatible endpoint: TTFT and decode speed.
 
-Each request streams /v1/completions with a fixed prompt and `ignore_eos` (a vLLM
-extension) so every request generates exactly max_tokens tokens; the token count comes
-from the final usage chunk (`stream_options.include_usage`), else from the chunks seen.
+The one streaming client of this repository: `nvfp4ctl bench` and the scripts in bench/
+all measure through `stream_request`, so their figures share one definition.
+
+- TTFT: the clock starts just before the request is sent and stops when the first SSE
+  chunk that carries generated text arrives (`choices[].text` of /v1/completions,
+  `choices[].delta.content` of /v1/chat/completions). A chunk without text, such as the
+  role-only first chunk of a chat stream, does not stop it.
+- Tokens: the server's count from the final usage chunk (`stream_options.include_usage`);
+  without one, the number of chunks that carried text (a lower bound: a server may pack
+  several tokens into one chunk, as Ray Serve does).
+- Decode speed of a stream: (tokens - 1) / (end - first text), the end being the last
+  byte of the stream.
+
+Each request of `LoadGenerator` streams /v1/completions with a fixed prompt and
+`ignore_eos` (a vLLM extension), so every request generates exactly max_tokens tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ class RequestStats:
     ttft_s: float
     total_s: float
     tokens: int
+    # completion_tokens of the server's usage chunk; None when the stream had none.
+    usage_tokens: int | None = None
 
     @property
     def decode_tps(self) -> float | None:
@@ -94,13 +108,14 @@ class LoadGenerator:
         prompt_words: int,
         max_tokens: int,
         timeout_s: float,
+        prompt: str | None = None,
     ) -> None:
         self.url = v1_url(base_url) + "/completions"
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.body = {
             "model": model,
-            "prompt": prompt_of(prompt_words),
+            "prompt": prompt if prompt is not None else prompt_of(prompt_words),
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "stream": True,
@@ -109,39 +124,18 @@ class LoadGenerator:
         }
         self.timeout = httpx.Timeout(timeout_s, connect=10.0)
 
-    async def one(self, client: httpx.AsyncClient) -> RequestStats:
-        start = time.perf_counter()
-        first: float | None = None
-        chunks = 0
-        usage_tokens: int | None = None
-        async with client.stream("POST", self.url, json=self.body, headers=self.headers) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode(errors="replace")
-                raise RuntimeError(f"HTTP {r.status_code}: {' '.join(text.split())[:300]}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if event.get("usage"):
-                    usage_tokens = event["usage"].get("completion_tokens")
-                for choice in event.get("choices") or []:
-                    if choice.get("text"):
-                        chunks += 1
-                        if first is None:
-                            first = time.perf_counter()
-        end = time.perf_counter()
-        if first is None:
-            raise RuntimeError("the stream ended without any generated text")
-        return RequestStats(first - start, end - start, usage_tokens or chunks)
+    async def one(self, client: httpx.AsyncClient, max_tokens: int | None = None) -> RequestStats:
+        body = self.body if max_tokens is None else {**self.body, "max_tokens": max_tokens}
+        return await stream_request(client, self.url, body, self.headers)
 
-    async def level(self, concurrency: int, requests: int | None = None) -> LevelStats:
+    async def level(
+        self, concurrency: int, requests: int | None = None, max_tokens: int | None = None
+    ) -> LevelStats:
         """`requests` streams (default: `concurrency`), `concurrency` of them in flight.
 
         Each of the `concurrency` slots starts its next request as soon as its last one
-        ends, so the server sees the same load until the requests run out.
+        ends, so the server sees the same load until the requests run out. `max_tokens`
+        overrides the generator's (e.g. short warm-up requests).
         """
         total = concurrency if requests is None else requests
         results: list[RequestStats | BaseException] = []
@@ -150,7 +144,7 @@ class LoadGenerator:
             while len(results) + in_flight[0] < total:
                 in_flight[0] += 1
                 try:
-                    results.append(await self.one(c))
+                    results.append(await self.one(c, max_tokens))
                 except Exception as e:  # recorded; the level goes on
                     results.append(e)
                 finally:
@@ -177,6 +171,53 @@ class LoadGenerator:
             return [await self.level(c) for c in levels]
 
         return asyncio.run(go())
+
+
+def chunk_text(choice: dict[str, Any]) -> str:
+    """Generated text of one streamed choice: completions' `text`, chat's `delta.content`."""
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+async def stream_request(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    require_text: bool = True,
+) -> RequestStats:
+    """Send one streaming request and time it (TTFT as defined in this module's docstring).
+
+    Raises RuntimeError for a non-200 answer, an error chunk, or (with `require_text`) a
+    stream without generated text; then `ttft_s` of a text-less stream is its total time.
+    """
+    start = time.perf_counter()  # just before the request is sent
+    first: float | None = None
+    chunks = 0
+    usage_tokens: int | None = None
+    async with client.stream("POST", url, json=body, headers=headers) as r:
+        if r.status_code != 200:
+            text = (await r.aread()).decode(errors="replace")
+            raise RuntimeError(f"HTTP {r.status_code}: {' '.join(text.split())[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("error"):
+                raise RuntimeError(f"error chunk: {str(event['error'])[:300]}")
+            if event.get("usage"):
+                usage_tokens = event["usage"].get("completion_tokens")
+            if any(chunk_text(c) for c in event.get("choices") or []):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    if first is None and require_text:
+        raise RuntimeError("the stream ended without any generated text")
+    ttft = (first if first is not None else end) - start
+    return RequestStats(ttft, end - start, usage_tokens or chunks, usage_tokens)
 
 
 def v1_url(base_url: str) -> str:
