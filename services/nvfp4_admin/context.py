@@ -20,6 +20,7 @@ from nvfp4_common.settings import Settings, describe_invalid, mask_url
 if TYPE_CHECKING:
     from nvfp4_admin.ray_client import RayClient
     from nvfp4_common.queue import JobQueue
+    from nvfp4_common.serve_history import ServeHistory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,6 +41,13 @@ class AppContext:
 
             self._queue = JobQueue(self.settings)
         return self._queue
+
+    @property
+    def serve_history(self) -> ServeHistory:
+        """Serve configs remembered for `serve rollback`, in the job queue's Redis."""
+        from nvfp4_common.serve_history import ServeHistory
+
+        return ServeHistory(self.queue.redis)
 
     @property
     def ray(self) -> RayClient:

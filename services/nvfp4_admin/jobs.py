@@ -20,7 +20,7 @@ from nvfp4_admin.output import (
     table,
 )
 from nvfp4_common.jobs import Job, JobSpec, JobState, Priority, QuantFormat, Stage
-from nvfp4_common.queue import JobQueue, through_restarts
+from nvfp4_common.queue import CancelOutcome, JobQueue, through_restarts
 
 # Stages a job moves through after it is claimed, for "stage i/n" in progress lines.
 _WORK_STAGES = [s for s in Stage if s not in (Stage.QUEUED, Stage.DONE)]
@@ -242,17 +242,13 @@ def logs(app: AppContext, job_id: str, follow: bool) -> None:
 def cancel(app: AppContext, job_id: str) -> None:
     """Cancel a job: a queued job ends now, a running one is stopped by its worker."""
     before = app.queue.get(job_id).state
-    if before.ended:  # the queue answers an ended job with its state, as if just cancelled
+    if before.ended:  # nothing to do is not an error here (the queue refuses it)
         click.echo(f"{job_id} is already {before.value}; nothing to cancel")
         return
-    out = app.queue.cancel(job_id)
-    state = out.value if isinstance(out, JobState) else str(out)
-    if state == "cancelled":
+    if app.queue.cancel(job_id) is CancelOutcome.CANCELLED:
         click.echo(f"{job_id} cancelled")
-    elif state == "cancelling":
-        click.echo(f"{job_id} cancelling: its worker stops the job (see `jobs watch {job_id}`)")
     else:
-        click.echo(f"{job_id} is already {state}; nothing to cancel")
+        click.echo(f"{job_id} cancelling: its worker stops the job (see `jobs watch {job_id}`)")
 
 
 @jobs.command()

@@ -147,7 +147,7 @@ def deploy(
     rollout = _rollout(app, ready_path, timeout_s)
     run = rollout.blue_green if strategy == "blue-green" else rollout.replace
     try:
-        run(new_app, on_switched=app.queue.push_serve_config)
+        run(new_app, on_switched=app.serve_history.push)
     except (RolloutError, sc.ServeConfigError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"serving {model_path} on {s.serve_url}{s.serve_route_prefix}")
@@ -164,7 +164,7 @@ def rollback(app: AppContext, ready_path: str, timeout_s: float | None) -> None:
 
     Each rollback goes one deploy further back.
     """
-    history = app.queue.serve_configs()
+    history = app.serve_history.configs()
     if not history:
         raise click.ClickException("no earlier Serve config is remembered; nothing to roll back to")
     previous = history[0]
@@ -181,7 +181,7 @@ def rollback(app: AppContext, ready_path: str, timeout_s: float | None) -> None:
         _rollout(app, ready_path, timeout_s).blue_green(old, on_switched=lambda _b: None)
     except (RolloutError, sc.ServeConfigError) as e:
         raise click.ClickException(str(e)) from None
-    app.queue.pop_serve_config()
+    app.serve_history.pop()
     click.echo(f"rolled back to {(old.get('args') or {}).get(sc.MODEL_ARG, old['name'])}")
 
 

@@ -14,6 +14,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from nvfp4_common.errors import CheckpointError
+
 # ModelOpt's quant_algo -> the quantization name vLLM 0.32 registers for it.
 # vLLM serves only the FP8 and NVFP4 families of ModelOpt formats.
 MODELOPT_TO_VLLM = {
@@ -28,10 +30,6 @@ NVFP4_GROUP_SIZE = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json", "vocab.json", "*.tiktoken")
 # safetensors refuses headers above 100 MB; a bigger length means a damaged file.
 _MAX_HEADER_BYTES = 100_000_000
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be served; the message names the file and what to do."""
 
 
 def read_json_object(file: Path) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The job queue client: the only code that touches job keys in Redis.
 
 Design (why each piece exists):
-- A job is one Redis hash; state changes are Lua scripts, so a job is always in exactly
-  one of QUEUE, RUNNING or ENDED, even when a worker dies between two commands.
+- A job is one Redis hash; state changes are Lua scripts (queue_scripts.py), so a job is
+  always in exactly one of QUEUE, RUNNING or ENDED, even when a worker dies between two
+  commands.
 - A worker claims a job and increments its attempt counter in the same script, *before*
   the job runs: a worker killed by the OOM killer still uses up an attempt.
 - A running job carries a heartbeat deadline; any worker re-queues jobs whose deadline
@@ -10,14 +11,16 @@ Design (why each piece exists):
 - Writes from a job's run are fenced by (worker id, attempt): a worker presumed dead
   that comes back cannot overwrite the job after it was re-queued.
 - Everything stored is JSON or a plain string. No pickle.
+
+Its errors (JobNotFound, InvalidTransition, CorruptJob) live in nvfp4_common.errors.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
 from typing import Any, TypeVar
 
@@ -25,7 +28,9 @@ import redis
 from pydantic import ValidationError
 
 from nvfp4_common import keys
+from nvfp4_common.errors import CorruptJob, InvalidTransition, JobNotFound
 from nvfp4_common.jobs import Job, JobResult, JobSpec, JobState, Priority, Progress, Stage
+from nvfp4_common.queue_scripts import Scripts
 from nvfp4_common.settings import Settings
 
 T = TypeVar("T")
@@ -55,22 +60,11 @@ def through_restarts(
             backoff = min(backoff * 2, 5.0)
 
 
-class JobNotFound(LookupError):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r} (it may have expired or been purged)")
+class CancelOutcome(StrEnum):
+    """What `JobQueue.cancel` did."""
 
-
-class InvalidTransition(ValueError):
-    """The job is not in a state that allows the operation."""
-
-
-class CorruptJob(ValueError):
-    """A job hash that cannot be parsed (written by other software or edited by hand)."""
-
-    def __init__(self, job_id: str, problem: str) -> None:
-        self.job_id = job_id
-        problem = " ".join(problem.split())[:300]  # one line, whatever the bad value holds
-        super().__init__(f"job {job_id} in Redis cannot be read: {problem}")
+    CANCELLED = "cancelled"  # the job was queued: it ended now and will never run
+    CANCELLING = "cancelling"  # the job is running: its worker was asked to stop it
 
 
 def _parse(job_id: str, raw: dict[str, str]) -> Job:
@@ -82,151 +76,6 @@ def _parse(job_id: str, raw: dict[str, str]) -> Job:
         raise CorruptJob(job_id, f"{where}: {err['msg']}") from None
     except ValueError as e:  # a JSON field that does not parse
         raise CorruptJob(job_id, str(e)) from None
-
-
-# Claim the next queued job for a worker. KEYS: queue, running. ARGV: job key prefix,
-# worker id, now, heartbeat deadline. Returns the job id or nil.
-_CLAIM = """
-while true do
-  local ids = redis.call('ZRANGE', KEYS[1], 0, 0)
-  if #ids == 0 then return false end
-  local id = ids[1]
-  redis.call('ZREM', KEYS[1], id)
-  local key = ARGV[1] .. id
-  if redis.call('HGET', key, 'state') == 'queued' then
-    -- Not HINCRBY: on a value that is not a number (a hand-edited hash) it would
-    -- raise after ZREM, and a script error does not roll back: the job would be lost.
-    local attempts = (tonumber(redis.call('HGET', key, 'attempts')) or 0) + 1
-    redis.call('HSET', key, 'attempts', attempts, 'state', 'running', 'worker_id', ARGV[2],
-               'started_at', ARGV[3], 'error', '', 'cancel_requested', '0')
-    redis.call('ZADD', KEYS[2], ARGV[4], id)
-    return id
-  end
-end
-"""
-
-# Renew a running job's heartbeat if this worker still owns this attempt.
-# KEYS: running, job. ARGV: worker id, attempt, deadline. Returns 1, or 0 if fenced off.
-_HEARTBEAT = """
-if redis.call('HGET', KEYS[2], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[2], 'worker_id') ~= ARGV[1]
-   or redis.call('HGET', KEYS[2], 'attempts') ~= ARGV[2] then
-  return 0
-end
-redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[4])
-return 1
-"""
-
-# End a running attempt. KEYS: running, ended, job, log. ARGV: worker id, attempt, new
-# state, now, ttl, then field/value pairs. Returns 1, or 0 if fenced off.
-_END = """
-if redis.call('HGET', KEYS[3], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[3], 'worker_id') ~= ARGV[1]
-   or redis.call('HGET', KEYS[3], 'attempts') ~= ARGV[2] then
-  return 0
-end
-local id = ARGV[6]
-redis.call('ZREM', KEYS[1], id)
-redis.call('HSET', KEYS[3], 'state', ARGV[3], 'ended_at', ARGV[4])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-redis.call('ZADD', KEYS[2], ARGV[4], id)
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('EXPIRE', KEYS[4], ARGV[5])
-return 1
-"""
-
-# Give a running attempt back to the queue (graceful worker shutdown or a job process
-# killed by a signal). KEYS: running, queue, wake, job. ARGV: worker id, attempt, id,
-# refund (1 = the attempt does not count), reason.
-_REQUEUE_OWN = """
-if redis.call('HGET', KEYS[4], 'state') ~= 'running'
-   or redis.call('HGET', KEYS[4], 'worker_id') ~= ARGV[1]
-   or redis.call('HGET', KEYS[4], 'attempts') ~= ARGV[2] then
-  return 0
-end
-redis.call('ZREM', KEYS[1], ARGV[3])
-if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[4], 'attempts', -1) end
-redis.call('HSET', KEYS[4], 'state', 'queued', 'worker_id', '', 'error', ARGV[5])
-redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[4], 'score'), ARGV[3])
-redis.call('LPUSH', KEYS[3], ARGV[3])
-return 1
-"""
-
-# Re-queue (or fail) running jobs whose heartbeat deadline passed. KEYS: running, queue,
-# ended, wake. ARGV: job key prefix, now, ttl, log prefix. Returns {id, action} pairs.
-_REAP = """
-local out = {}
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  local key = ARGV[1] .. id
-  if redis.call('HGET', key, 'state') == 'running' then
-    local attempts = tonumber(redis.call('HGET', key, 'attempts'))
-    local max = tonumber(redis.call('HGET', key, 'max_attempts'))
-    local worker = redis.call('HGET', key, 'worker_id')
-    if redis.call('HGET', key, 'cancel_requested') == '1' then
-      redis.call('HSET', key, 'state', 'cancelled', 'ended_at', ARGV[2],
-                 'error', 'cancelled; its worker ' .. worker .. ' stopped answering')
-      redis.call('ZADD', KEYS[3], ARGV[2], id)
-      redis.call('EXPIRE', key, ARGV[3])
-      redis.call('EXPIRE', ARGV[4] .. id, ARGV[3])
-      table.insert(out, id); table.insert(out, 'cancelled')
-    elseif attempts >= max then
-      redis.call('HSET', key, 'state', 'failed', 'ended_at', ARGV[2], 'error',
-                 'worker ' .. worker .. ' stopped sending heartbeats (killed or out of memory)'
-                 .. ' on attempt ' .. attempts .. ' of ' .. max .. '; giving up')
-      redis.call('ZADD', KEYS[3], ARGV[2], id)
-      redis.call('EXPIRE', key, ARGV[3])
-      redis.call('EXPIRE', ARGV[4] .. id, ARGV[3])
-      table.insert(out, id); table.insert(out, 'failed')
-    else
-      redis.call('HSET', key, 'state', 'queued', 'worker_id', '', 'error',
-                 'attempt ' .. attempts .. ' lost: worker ' .. worker
-                 .. ' stopped sending heartbeats')
-      redis.call('ZADD', KEYS[2], redis.call('HGET', key, 'score'), id)
-      redis.call('LPUSH', KEYS[4], id)
-      table.insert(out, id); table.insert(out, 'requeued')
-    end
-  end
-end
-return out
-"""
-
-# Cancel. KEYS: queue, ended, job, log. ARGV: id, now, ttl. Returns the resulting state.
-_CANCEL = """
-local state = redis.call('HGET', KEYS[3], 'state')
-if not state then return false end
-if state == 'queued' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HSET', KEYS[3], 'state', 'cancelled', 'ended_at', ARGV[2],
-             'error', 'cancelled while queued')
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-  return 'cancelled'
-elseif state == 'running' then
-  redis.call('HSET', KEYS[3], 'cancel_requested', '1')
-  return 'cancelling'
-end
-return state
-"""
-
-# Put an ended (failed or cancelled) job back in the queue with fresh attempts.
-# KEYS: ended, queue, wake, job, log. ARGV: id. Returns 1 or the current state.
-_RETRY = """
-local state = redis.call('HGET', KEYS[4], 'state')
-if not state then return false end
-if state ~= 'failed' and state ~= 'cancelled' then return state end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('PERSIST', KEYS[4])
-redis.call('PERSIST', KEYS[5])
-redis.call('HSET', KEYS[4], 'state', 'queued', 'attempts', '0', 'error', '', 'worker_id', '',
-           'ended_at', '', 'started_at', '', 'cancel_requested', '0', 'result', '',
-           'progress', '{"stage":"queued","fraction":0.0,"message":""}')
-redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[4], 'score'), ARGV[1])
-redis.call('LPUSH', KEYS[3], ARGV[1])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -252,14 +101,7 @@ class JobQueue:
             health_check_interval=15,
             retry_on_timeout=True,
         )
-        r = self.redis
-        self._claim = r.register_script(_CLAIM)
-        self._heartbeat = r.register_script(_HEARTBEAT)
-        self._end = r.register_script(_END)
-        self._requeue_own = r.register_script(_REQUEUE_OWN)
-        self._reap = r.register_script(_REAP)
-        self._cancel = r.register_script(_CANCEL)
-        self._retry = r.register_script(_RETRY)
+        self._scripts = Scripts.register(self.redis)
 
     # --- client side --------------------------------------------------------------
 
@@ -323,24 +165,27 @@ class JobQueue:
     def queue_depth(self) -> int:
         return int(self.redis.zcard(keys.QUEUE))
 
-    def cancel(self, job_id: str) -> JobState | str:
+    def cancel(self, job_id: str) -> CancelOutcome:
         """Cancel a job: a queued job ends at once; a running one is stopped by its worker.
 
-        Returns the resulting state, or "cancelling" while a running job is being stopped.
+        Raises:
+            JobNotFound: no such job.
+            InvalidTransition: the job already ended (succeeded, failed or cancelled).
         """
-        out = self._cancel(
+        out = self._scripts.cancel(
             keys=[keys.QUEUE, keys.ENDED, keys.job(job_id), keys.job_log(job_id)],
             args=[job_id, time.time(), self.settings.result_ttl_s],
         )
         if out is None:
             raise JobNotFound(job_id)
-        if out in ("succeeded",):
-            raise InvalidTransition(f"job {job_id} already succeeded; nothing to cancel")
-        return out
+        if out.startswith("ended:"):
+            state = out.removeprefix("ended:")
+            raise InvalidTransition(f"job {job_id} already {state}; nothing to cancel")
+        return CancelOutcome(out)
 
     def retry(self, job_id: str) -> Job:
         """Queue a failed or cancelled job again, with a fresh attempt budget."""
-        out = self._retry(
+        out = self._scripts.retry(
             keys=[keys.ENDED, keys.QUEUE, keys.WAKE, keys.job(job_id), keys.job_log(job_id)],
             args=[job_id],
         )
@@ -401,23 +246,6 @@ class JobQueue:
             )
         return out
 
-    # --- serving history (the admin CLI's rollback) ----------------------------------
-
-    def push_serve_config(self, config: dict[str, Any], keep: int = 20) -> None:
-        """Remember a Serve config that was live before a model switch."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.lpush(keys.SERVE_HISTORY, json.dumps(config, separators=(",", ":")))
-            pipe.ltrim(keys.SERVE_HISTORY, 0, keep - 1)
-            pipe.execute()
-
-    def serve_configs(self) -> list[dict[str, Any]]:
-        """Remembered Serve configs, newest first."""
-        return [json.loads(raw) for raw in self.redis.lrange(keys.SERVE_HISTORY, 0, -1)]
-
-    def pop_serve_config(self) -> dict[str, Any] | None:
-        raw = self.redis.lpop(keys.SERVE_HISTORY)
-        return json.loads(raw) if raw else None
-
     # --- worker side --------------------------------------------------------------
 
     def wait_for_work(self, timeout_s: float) -> None:
@@ -427,7 +255,7 @@ class JobQueue:
     def claim(self, worker_id: str) -> Job | None:
         while True:
             now = time.time()
-            job_id = self._claim(
+            job_id = self._scripts.claim(
                 keys=[keys.QUEUE, keys.RUNNING],
                 args=[keys.JOB, worker_id, now, now + self.settings.heartbeat_timeout_s],
             )
@@ -438,30 +266,16 @@ class JobQueue:
             except CorruptJob as e:
                 # Raising here would crash every worker that claims the job, one after the
                 # other, as the reaper re-queues it: end it as failed with the reason instead.
-                self._fail_unreadable(job_id, worker_id, str(e))
-
-    def _fail_unreadable(self, job_id: str, worker_id: str, reason: str) -> None:
-        attempts = self.redis.hget(keys.job(job_id), "attempts")
-        self._end(
-            keys=[keys.RUNNING, keys.ENDED, keys.job(job_id), keys.job_log(job_id)],
-            args=[
-                worker_id,
-                attempts,
-                JobState.FAILED.value,
-                time.time(),
-                self.settings.result_ttl_s,
-                job_id,
-                "error",
-                f"{reason}; it was not run",
-            ],
-        )
+                attempt = self.redis.hget(keys.job(job_id), "attempts")
+                reason = f"{e}; it was not run"
+                self._end_attempt(job_id, attempt, worker_id, JobState.FAILED, error=reason)
 
     def heartbeat(self, job: Job, worker_id: str) -> bool:
         """Renew the job's deadline; False when this attempt no longer owns the job."""
         deadline = time.time() + self.settings.heartbeat_timeout_s
         return bool(
-            self._heartbeat(
-                keys=[keys.RUNNING, keys.job(job.id)],
+            self._scripts.heartbeat(
+                keys=[keys.job(job.id), keys.RUNNING],
                 args=[worker_id, job.attempts, deadline, job.id],
             )
         )
@@ -493,27 +307,24 @@ class JobQueue:
             pipe.ltrim(key, -self.settings.job_log_lines, -1)
             pipe.execute()
 
-    def _end_attempt(self, job: Job, worker_id: str, state: JobState, **fields: str) -> bool:
-        args: list[str | int | float] = [
-            worker_id,
-            job.attempts,
-            state.value,
-            time.time(),
-            self.settings.result_ttl_s,
-            job.id,
-        ]
-        for k, v in fields.items():
-            args += [k, v]
+    def _end_attempt(
+        self, job_id: str, attempt: int | str, worker_id: str, state: JobState, **fields: str
+    ) -> bool:
+        """End a running attempt in `state`, setting `fields`; False when fenced off."""
+        pairs = [item for field in fields.items() for item in field]
+        now, ttl = time.time(), self.settings.result_ttl_s
         return bool(
-            self._end(
-                keys=[keys.RUNNING, keys.ENDED, keys.job(job.id), keys.job_log(job.id)], args=args
+            self._scripts.end(
+                keys=[keys.job(job_id), keys.RUNNING, keys.ENDED, keys.job_log(job_id)],
+                args=[worker_id, attempt, state.value, now, ttl, job_id, *pairs],
             )
         )
 
     def succeed(self, job: Job, worker_id: str, result: JobResult) -> bool:
         progress = Progress(stage=Stage.DONE, fraction=1.0, message="done")
         return self._end_attempt(
-            job,
+            job.id,
+            job.attempts,
             worker_id,
             JobState.SUCCEEDED,
             result=result.model_dump_json(),
@@ -522,25 +333,25 @@ class JobQueue:
         )
 
     def fail(self, job: Job, worker_id: str, error: str) -> bool:
-        return self._end_attempt(job, worker_id, JobState.FAILED, error=error)
+        return self._end_attempt(job.id, job.attempts, worker_id, JobState.FAILED, error=error)
 
     def mark_cancelled(self, job: Job, worker_id: str) -> bool:
         return self._end_attempt(
-            job, worker_id, JobState.CANCELLED, error="cancelled while running"
+            job.id, job.attempts, worker_id, JobState.CANCELLED, error="cancelled while running"
         )
 
     def requeue_own(self, job: Job, worker_id: str, reason: str, refund: bool) -> bool:
         """Return this worker's attempt to the queue; `refund` un-counts the attempt."""
         return bool(
-            self._requeue_own(
-                keys=[keys.RUNNING, keys.QUEUE, keys.WAKE, keys.job(job.id)],
+            self._scripts.requeue_own(
+                keys=[keys.job(job.id), keys.RUNNING, keys.QUEUE, keys.WAKE],
                 args=[worker_id, job.attempts, job.id, "1" if refund else "0", reason],
             )
         )
 
     def reap(self) -> list[tuple[str, str]]:
         """Re-queue or fail jobs of dead workers. Returns (job id, action) pairs."""
-        out = self._reap(
+        out = self._scripts.reap(
             keys=[keys.RUNNING, keys.QUEUE, keys.ENDED, keys.WAKE],
             args=[keys.JOB, time.time(), self.settings.result_ttl_s, keys.JOB_LOG],
         )

@@ -9,8 +9,10 @@ import pytest
 import redis
 
 from nvfp4_common import keys
+from nvfp4_common.errors import InvalidTransition, JobNotFound, Nvfp4Error
 from nvfp4_common.jobs import JobResult, JobSpec, JobState, Priority, Progress, Stage
-from nvfp4_common.queue import InvalidTransition, JobNotFound, JobQueue
+from nvfp4_common.queue import CancelOutcome, JobQueue
+from nvfp4_common.serve_history import ServeHistory
 from nvfp4_common.settings import Settings
 
 SPEC = JobSpec(model="Qwen/Qwen3-0.6B", calib_samples=8, calib_seq_len=64)
@@ -114,6 +116,23 @@ def test_cancel_succeeded_job_is_refused(queue: JobQueue) -> None:
     queue.succeed(claimed, "w", _result())
     with pytest.raises(InvalidTransition, match="already succeeded"):
         queue.cancel(claimed.id)
+
+
+def test_cancel_answers_one_type_and_refuses_any_ended_job(queue: JobQueue) -> None:
+    queued = queue.submit(SPEC)
+    assert queue.cancel(queued.id) is CancelOutcome.CANCELLED
+    with pytest.raises(InvalidTransition, match="already cancelled; nothing to cancel"):
+        queue.cancel(queued.id)
+    queue.submit(SPEC)
+    claimed = queue.claim("w")
+    assert claimed is not None
+    assert queue.cancel(claimed.id) is CancelOutcome.CANCELLING
+    queue.fail(claimed, "w", "bad input")
+    with pytest.raises(InvalidTransition, match="already failed") as info:
+        queue.cancel(claimed.id)
+    assert isinstance(info.value, Nvfp4Error)  # the CLI prints it as one line
+    with pytest.raises(JobNotFound):
+        queue.cancel("nope")
 
 
 def test_retry_puts_a_failed_job_back_with_fresh_attempts(queue: JobQueue) -> None:
@@ -257,3 +276,13 @@ def test_workers_are_listed_with_their_current_job(queue: JobQueue) -> None:
 def test_production_settings_refuse_the_development_redis() -> None:
     with pytest.raises(ValueError, match="NVFP4_REDIS_URL must be set in production"):
         Settings(env="production", _env_file=None)  # type: ignore[call-arg]
+
+
+def test_serve_history_is_newest_first_capped_and_pops(queue: JobQueue) -> None:
+    history = ServeHistory(queue.redis)
+    assert history.configs() == [] and history.pop() is None
+    for n in range(4):
+        history.push({"applications": [{"name": f"app-{n}"}]}, keep=3)
+    assert [c["applications"][0]["name"] for c in history.configs()] == ["app-3", "app-2", "app-1"]
+    assert history.pop() == {"applications": [{"name": "app-3"}]}
+    assert len(history.configs()) == 2

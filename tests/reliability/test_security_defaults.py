@@ -48,6 +48,7 @@ from nvfp4_admin.cli import cli
 from nvfp4_common import keys
 from nvfp4_common.jobs import HF_ID, JobResult, JobSpec, JobState, Priority, Progress, Stage
 from nvfp4_common.queue import JobQueue
+from nvfp4_common.serve_history import ServeHistory
 from nvfp4_common.settings import Settings, mask_url
 from nvfp4_worker import publish, sources
 from nvfp4_worker.errors import JobError
@@ -134,7 +135,8 @@ def test_no_pickle_anywhere_after_a_full_flow(
         assert lost is not None
         time.sleep(0.02)
         assert q.reap()
-        q.push_serve_config({"applications": [{"name": text[4], "args": args}]})
+        history = ServeHistory(q.redis)
+        history.push({"applications": [{"name": text[4], "args": args}]})
         q.purge(older_than_s=3600)
         seen["values_read"] += assert_plain_text(redis_url)
         for key in raw.scan_iter(keys.JOB + "*"):
@@ -142,7 +144,7 @@ def test_no_pickle_anywhere_after_a_full_flow(
                 value = raw.hget(key, field)
                 if value:
                     json.loads(value)
-        assert q.serve_configs()[0]["applications"][0]["args"] == args
+        assert history.configs()[0]["applications"][0]["args"] == args
         assert {j.id for j in q.jobs(JobState.QUEUED)} == {b.id, c.id}  # the flow ran as planned
 
     check()

@@ -32,6 +32,7 @@ from nvfp4_admin.ray_client import RayApiError, RayClient
 from nvfp4_admin.rollout import Rollout, RolloutError, RolloutOptions
 from nvfp4_common.jobs import JobResult, JobSpec
 from nvfp4_common.queue import JobQueue
+from nvfp4_common.serve_history import ServeHistory
 
 
 class FakeRay:
@@ -612,6 +613,6 @@ def test_deploy_a_job_output(
     (app,) = fake.details()["applications"].values()
     args = app["deployed_app_config"]["args"]
     assert args[sc.MODEL_ARG] == "/data/models/base-NVFP4" and args[sc.SERVED_NAME_ARG] == "prod"
-    assert [c["applications"][0]["args"][sc.MODEL_ARG] for c in queue.serve_configs()] == [
-        "/models/old"
-    ]
+    assert [
+        c["applications"][0]["args"][sc.MODEL_ARG] for c in ServeHistory(queue.redis).configs()
+    ] == ["/models/old"]
