@@ -13,11 +13,15 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "services"))  # run as a script, also where nothing is installed
+
+from nvfp4_common.sizing import GIB  # noqa: E402
 
 
 def nvidia_smi() -> dict[str, str]:

@@ -10,15 +10,9 @@ import click
 
 from nvfp4_admin.context import json_option
 from nvfp4_admin.output import emit_json, human_bytes, table
-from nvfp4_admin.sizing import (
-    GIB,
-    ConfigError,
-    Shape,
-    checkpoint_sizes,
-    kv_bytes_per_token,
-    memory_fit,
-)
+from nvfp4_admin.sizing import ConfigError, Shape, checkpoint_sizes, memory_fit
 from nvfp4_common.jobs import QuantFormat
+from nvfp4_common.sizing import GIB, gib
 
 
 @click.command()
@@ -49,7 +43,6 @@ from nvfp4_common.jobs import QuantFormat
     show_default=True,
     help="GB (10^9 bytes) left to the OS and other processes.",
 )
-@click.option("--calib-seq-len", type=click.IntRange(1), default=2048, show_default=True)
 @json_option
 def estimate(
     model: Path,
@@ -57,7 +50,6 @@ def estimate(
     exclude: tuple[str, ...],
     memory_gb: float,
     reserve_gb: float,
-    calib_seq_len: int,
     as_json: bool,
 ) -> None:
     """Predict checkpoint sizes, KV cache per token and whether MODEL fits in memory.
@@ -77,7 +69,7 @@ def estimate(
     sizes = checkpoint_sizes(shape, exclude)
     # Options take GB as machines are sold; every size below is in GiB.
     memory_gib, reserve_gib = memory_gb * 1e9 / GIB, reserve_gb * 1e9 / GIB
-    fit = memory_fit(shape, sizes, fmt, memory_gib, reserve_gib, calib_seq_len)
+    fit = memory_fit(shape, sizes, fmt, memory_gib, reserve_gib)
     on_disk = _weights_on_disk(model) if model.is_dir() else None
     report: dict[str, Any] = {
         "model": str(model),
@@ -89,8 +81,8 @@ def estimate(
         "bf16_kept_params": sizes.bf16_kept_params,
         "excluded_modules": len(sizes.excluded_modules),
         "kv_bytes_per_token": {
-            "bf16": kv_bytes_per_token(shape, 2),
-            "fp8": kv_bytes_per_token(shape, 1),
+            "bf16": shape.kv_bytes_per_token(2),
+            "fp8": shape.kv_bytes_per_token(1),
         },
         "weights_on_disk_bytes": on_disk,
         "already_quantized": bool(config.get("quantization_config")),
@@ -99,7 +91,6 @@ def estimate(
     if as_json:
         emit_json(report)
         return
-    gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
     click.echo(
         f"{config.get('architectures', [shape.model_type])[0]}: {sizes.params / 1e9:.2f} B"
         f" parameters, {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads"
@@ -140,7 +131,8 @@ def estimate(
     verdict = "fits" if fit.quantize_fits else "DOES NOT FIT"
     click.echo(
         f"  quantize: peak ~{fit.quantize_peak_gib:.1f} GiB"
-        f" (BF16 model + export + calibration pass) -> {verdict}"
+        f" (BF16 weights + half their size for export and calibration + 2 GiB runtime,"
+        f" the worker's own check) -> {verdict}"
     )
     click.echo(
         f"  serve: weights {fit.weights_gib:.1f} GiB; gpu_memory_utilization"

@@ -1,29 +1,34 @@
-"""Sizes and memory fit of a model from its config.json alone (no weights needed).
+"""A model's shape from its config.json, and whether it fits a machine, for `estimate`.
 
-Counting follows the Hugging Face decoder layout (Llama, Qwen2/3, Mistral and their MoE
+The shape follows the Hugging Face decoder layout (Llama, Qwen2/3, Mistral and their MoE
 variants): per layer q/k/v/o projections, a gated MLP (gate/up/down) or experts of one,
-two norms; embeddings and lm_head. What stays in BF16 after quantization: embeddings,
-lm_head, norms, biases, MoE routers and any module matching an exclude pattern.
-
-Bytes per quantized weight: NVFP4 = 4-bit value + one FP8 (E4M3) scale per 16 values
-= 4.5 bits; FP8 = 8 bits. Per-tensor float32 scales are counted too but are negligible.
-Sizes are binary (GiB = 2**30 bytes).
+two norms; embeddings and lm_head. `Shape.tensors()` lists the tensors a checkpoint of
+that shape holds, by their Hugging Face names, so the checkpoint size and the quantization
+job's peak come from the same functions the worker applies to real safetensors headers
+(nvfp4_common.sizing).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-GIB = 2**30
-BITS_PER_WEIGHT = {"bf16": 16.0, "nvfp4": 4.5, "nvfp4-fp8kv": 4.5, "fp8": 8.0}
-# ModelOpt keeps these in high precision by default (besides lm_head): MoE routers.
-DEFAULT_EXCLUDES = ("*lm_head*", "*router*", "*mlp.gate", "*shared_expert_gate*")
+from nvfp4_common.sizing import (
+    GIB,
+    CheckpointEstimate,
+    estimate_checkpoint,
+    kv_bytes_per_value,
+    whole_model_peak,
+)
+from nvfp4_common.sizing import kv_bytes_per_token as _kv_bytes_per_token
+
 # Families whose config omits tie_word_embeddings because their default is to tie.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "phi"}
 _QK_NORM = {"qwen3", "qwen3_moe", "olmo2", "gemma3", "gemma3_text"}
+# The estimate's machine is a DGX Spark: the GPU computes in BF16 out of host memory.
+ESTIMATE_COMPUTE_DTYPE = "bfloat16"
 
 
 class ConfigError(ValueError):
@@ -79,45 +84,45 @@ class Shape:
             max_positions=cfg.get("max_position_embeddings"),
         )
 
-    def linears(self) -> list[tuple[str, int]]:
-        """(module name, weight count) of every linear layer, lm_head included."""
+    def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor of a checkpoint of this shape, as Hugging Face
+        names and lays them out (a linear weight is out_features x in_features)."""
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        out: list[tuple[str, int]] = []
+        yield "model.embed_tokens.weight", (self.vocab, h)
         for i in range(self.layers):
             p = f"model.layers.{i}"
-            out += [
-                (f"{p}.self_attn.q_proj", h * q),
-                (f"{p}.self_attn.k_proj", h * kv),
-                (f"{p}.self_attn.v_proj", h * kv),
-                (f"{p}.self_attn.o_proj", q * h),
-            ]
+            yield f"{p}.input_layernorm.weight", (h,)
+            yield f"{p}.post_attention_layernorm.weight", (h,)
+            for name, out in (("q", q), ("k", kv), ("v", kv)):
+                yield f"{p}.self_attn.{name}_proj.weight", (out, h)
+                if self.attention_bias:
+                    yield f"{p}.self_attn.{name}_proj.bias", (out,)
+            yield f"{p}.self_attn.o_proj.weight", (h, q)
+            if self.model_type in _QK_NORM:
+                yield f"{p}.self_attn.q_norm.weight", (self.head_dim,)
+                yield f"{p}.self_attn.k_norm.weight", (self.head_dim,)
             if self.experts:
+                yield f"{p}.mlp.gate.weight", (self.experts, h)  # the router
                 m = self.moe_intermediate or self.intermediate
-                out.append((f"{p}.mlp.gate", h * self.experts))
                 for e in range(self.experts):
-                    out += [
-                        (f"{p}.mlp.experts.{e}.{n}_proj", h * m) for n in ("gate", "up", "down")
-                    ]
+                    yield from _gated_mlp(f"{p}.mlp.experts.{e}", h, m)
                 if self.shared_intermediate:
-                    s = self.shared_intermediate
-                    out += [
-                        (f"{p}.mlp.shared_expert.{n}_proj", h * s) for n in ("gate", "up", "down")
-                    ]
-                    out.append((f"{p}.mlp.shared_expert_gate", h))
+                    yield from _gated_mlp(f"{p}.mlp.shared_expert", h, self.shared_intermediate)
+                    yield f"{p}.mlp.shared_expert_gate.weight", (1, h)
             else:
-                m = self.intermediate
-                out += [(f"{p}.mlp.{n}_proj", h * m) for n in ("gate", "up", "down")]
-        out.append(("lm_head", self.vocab * h))
-        return out
+                yield from _gated_mlp(f"{p}.mlp", h, self.intermediate)
+        yield "model.norm.weight", (h,)
+        if not self.tied:  # a tied lm_head shares the embedding matrix and is not stored
+            yield "lm_head.weight", (self.vocab, h)
 
-    def other_params(self) -> int:
-        """Embeddings, norms and biases: never quantized. lm_head is a linear (above)."""
-        per_layer = 2 * self.hidden
-        if self.model_type in _QK_NORM:
-            per_layer += 2 * self.head_dim
-        if self.attention_bias:
-            per_layer += (self.heads + 2 * self.kv_heads) * self.head_dim
-        return self.vocab * self.hidden + self.layers * per_layer + self.hidden
+    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return _kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, bytes_per_value)
+
+
+def _gated_mlp(prefix: str, hidden: int, inner: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    yield f"{prefix}.gate_proj.weight", (inner, hidden)
+    yield f"{prefix}.up_proj.weight", (inner, hidden)
+    yield f"{prefix}.down_proj.weight", (hidden, inner)
 
 
 @dataclass
@@ -126,35 +131,28 @@ class Sizes:
     bf16_bytes: int
     quant_bytes: dict[str, int]
     bf16_kept_params: int  # parameters that stay BF16 in every quantized format
-    excluded_modules: list[str] = field(default_factory=list)
+    excluded_modules: list[str]
 
 
 def checkpoint_sizes(shape: Shape, exclude: tuple[str, ...] = ()) -> Sizes:
-    patterns = (*DEFAULT_EXCLUDES, *exclude)
-    kept = shape.other_params()
-    quantized = 0
-    n_quant_tensors = 0
-    excluded: list[str] = []
-    for name, count in shape.linears():
-        if name == "lm_head" and shape.tied:
-            continue  # shares the embedding matrix, counted there
-        if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name + ".weight", p) for p in patterns):
-            kept += count
-            excluded.append(name)
-        else:
-            quantized += count
-            n_quant_tensors += 1
-    params = kept + quantized
-    quant = {}
-    for fmt in ("nvfp4", "fp8"):
-        # Per quantized linear: a float32 weight scale and a float32 input scale.
-        quant[fmt] = int(quantized * BITS_PER_WEIGHT[fmt] / 8) + 2 * kept + 8 * n_quant_tensors
-    return Sizes(params, 2 * params, quant, kept, excluded)
+    """The BF16 source and its NVFP4 and FP8 exports (see nvfp4_common.sizing)."""
+    tensors = list(shape.tensors())
+    est: dict[str, CheckpointEstimate] = {
+        fmt: estimate_checkpoint(tensors, fmt, exclude) for fmt in ("nvfp4", "fp8")
+    }
+    nvfp4 = est["nvfp4"]
+    return Sizes(
+        params=nvfp4.params,
+        bf16_bytes=nvfp4.bf16_bytes,
+        quant_bytes={fmt: e.output_bytes for fmt, e in est.items()},
+        bf16_kept_params=nvfp4.kept_params,
+        excluded_modules=list(nvfp4.kept_linears),
+    )
 
 
 def kv_bytes_per_token(shape: Shape, kv_bytes: int = 2) -> int:
     """K and V for every layer: layers x kv_heads x head_dim x 2 x bytes per value."""
-    return shape.layers * shape.kv_heads * shape.head_dim * 2 * kv_bytes
+    return shape.kv_bytes_per_token(kv_bytes)
 
 
 @dataclass
@@ -172,28 +170,21 @@ class Fit:
     serve_fits: bool
 
 
-def memory_fit(
-    shape: Shape,
-    sizes: Sizes,
-    fmt: str,
-    memory_gib: float,
-    reserve_gib: float,
-    calib_seq_len: int,
-) -> Fit:
+def memory_fit(shape: Shape, sizes: Sizes, fmt: str, memory_gib: float, reserve_gib: float) -> Fit:
     """Whether quantizing and serving fit in `memory_gib` (a Spark shares it with the CPU).
 
-    Quantizing holds the BF16 model, the exported checkpoint while it is written, one
-    calibration forward pass (activations and float32 logits) and ~2 GiB of runtime.
-    Serving: vLLM takes gpu_memory_utilization x memory for weights, ~2 GiB + 5% of the
-    weights for activations and graphs, and the rest for the KV cache.
+    Quantizing: the worker's own preflight rule (nvfp4_common.sizing.whole_model_peak)
+    for a GPU that computes in BF16 out of host memory, so a model this says fits is one
+    the worker accepts. Serving: vLLM takes gpu_memory_utilization x memory for weights,
+    ~2 GiB + 5% of the weights for activations and graphs, and the rest for the KV cache.
     """
     quant_bytes = sizes.quant_bytes["fp8" if fmt == "fp8" else "nvfp4"]
-    activations = calib_seq_len * (shape.hidden * 2 * 16 + shape.vocab * 4)
-    peak = (sizes.bf16_bytes + quant_bytes + activations) / GIB + 2.0
+    peak = whole_model_peak(sizes.params, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True)
+    peak_gib = peak.total / GIB
     util = max(0.05, min(0.90, math.floor((memory_gib - reserve_gib) / memory_gib * 20) / 20))
     weights = quant_bytes / GIB
     budget = util * memory_gib - weights - (2.0 + 0.05 * weights)
-    kv_per_token = kv_bytes_per_token(shape, 1 if fmt in ("fp8", "nvfp4-fp8kv") else 2)
+    kv_per_token = shape.kv_bytes_per_token(kv_bytes_per_value(fmt))
     kv_tokens = max(0, int(budget * GIB // kv_per_token))
     limit = shape.max_positions or kv_tokens
     step = 1024 if min(limit, kv_tokens) >= 1024 else 16
@@ -201,8 +192,8 @@ def memory_fit(
     return Fit(
         memory_gib=memory_gib,
         reserve_gib=reserve_gib,
-        quantize_peak_gib=peak,
-        quantize_fits=peak <= memory_gib - reserve_gib,
+        quantize_peak_gib=peak_gib,
+        quantize_fits=peak_gib <= memory_gib - reserve_gib,
         weights_gib=weights,
         gpu_memory_utilization=util,
         kv_budget_gib=max(0.0, budget),

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 
 from nvfp4_common.meminfo import parse_meminfo
+from nvfp4_common.sizing import GIB, gib
 
-GIB = 1024**3
 # Leave this much of MemAvailable to the OS, Ray and the HTTP proxy.
 HOST_HEADROOM_BYTES = 1 * GIB
 
@@ -44,10 +44,6 @@ class MemoryPlan:
             f"{gib(self.kv_cache_bytes)} + overhead {gib(self.overhead_bytes)}); "
             f"available {gib(self.available_bytes)} of {gib(self.total_bytes)}"
         )
-
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
 
 
 def plan_memory(

@@ -6,22 +6,16 @@ a second, before a large model is read into memory.
 
 from __future__ import annotations
 
-import fnmatch
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nvfp4_common.jobs import QuantFormat
+from nvfp4_common.sizing import estimate_checkpoint
 from nvfp4_worker.errors import JobError
 
-# Bytes per weight element in the output: NVFP4 = 4 bits + one FP8 scale per 16 values.
-_BYTES_PER_ELEMENT = {
-    QuantFormat.NVFP4: 0.5 + 1 / 16,
-    QuantFormat.NVFP4_FP8_KV: 0.5 + 1 / 16,
-    QuantFormat.FP8: 1.0,
-}
-_KEPT_NAMES = ("embed", "lm_head", "norm", "wte", "wpe")
 # safetensors dtype names as a model card says them.
 _DTYPE_NAMES = {"BF16": "BF16", "F16": "FP16", "F32": "FP32", "F64": "FP64"}
 
@@ -83,52 +77,39 @@ def _raw_model_type(path: Path) -> str | None:
 
 
 def estimate_output_bytes(path: Path, fmt: QuantFormat, exclude: list[str]) -> int:
-    """The exported checkpoint's size from the safetensors headers: 2-D weights of linear
-    layers shrink to the format's width, everything else is written as BF16."""
-    from safetensors import safe_open
-
-    per_element = _BYTES_PER_ELEMENT[fmt]
-    # The same match ModelOpt makes (quantize.exclusion_pattern): fnmatch of `*glob*`, so
-    # "model.layers.*.mlp.down_proj" counts every layer's down_proj as kept.
-    excluded = tuple(f"*{p.strip('*')}*" for p in exclude if p.strip("*"))
-    total = 0.0
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                    shape = handle.get_slice(key).get_shape()
-                    numel = 1
-                    for dim in shape:
-                        numel *= dim
-                    kept = any(k in key for k in _KEPT_NAMES) or any(
-                        fnmatch.fnmatch(key, e) for e in excluded
-                    )
-                    quantized = len(shape) == 2 and key.endswith(".weight") and not kept
-                    total += numel * (per_element if quantized else 2)
-        except Exception as exc:  # safetensors raises its own error type for bad headers
-            raise JobError(f"model weights {file.name} cannot be read: {exc}") from None
-    return int(total)
+    """The exported checkpoint's size from the safetensors headers, by the rule
+    `nvfp4ctl estimate` applies to config.json (nvfp4_common.sizing.estimate_checkpoint):
+    linear weights ModelOpt quantizes shrink to the format's width, everything else
+    (embeddings, norms, lm_head, MoE routers, --exclude'd modules) is written as BF16."""
+    shapes = [(name, shape) for name, shape, _ in _tensors(path)]
+    return estimate_checkpoint(shapes, fmt.value, exclude).output_bytes
 
 
 def weights_dtype(path: Path) -> str | None:
     """The dtype of most of the source's weight elements ("BF16", "FP16", "FP32", or the
     safetensors name of another), from the headers; None for a folder without tensors."""
+    sizes: Counter[str] = Counter()
+    for _, shape, dtype in _tensors(path):
+        # Element counts, not bytes: every dtype of a checkpoint counts alike.
+        sizes[dtype] += math.prod(shape)
+    if not sizes:
+        return None
+    name = sizes.most_common(1)[0][0]
+    return _DTYPE_NAMES.get(name, name)
+
+
+def _tensors(path: Path) -> list[tuple[str, list[int], str]]:
+    """(name, shape, safetensors dtype) of every tensor of the folder's shards, read from
+    the headers alone."""
     from safetensors import safe_open
 
-    sizes: Counter[str] = Counter()
+    out: list[tuple[str, list[int], str]] = []
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                     tensor = handle.get_slice(key)
-                    numel = 1
-                    for dim in tensor.get_shape():
-                        numel *= dim
-                    # Element counts, not bytes: every dtype of a checkpoint counts alike.
-                    sizes[tensor.get_dtype()] += numel
+                    out.append((key, list(tensor.get_shape()), tensor.get_dtype()))
         except Exception as exc:  # safetensors raises its own error type for bad headers
             raise JobError(f"model weights {file.name} cannot be read: {exc}") from None
-    if not sizes:
-        return None
-    name = sizes.most_common(1)[0][0]
-    return _DTYPE_NAMES.get(name, name)
+    return out

@@ -5,24 +5,14 @@ re-queued and killed again until its attempts run out. Estimating its need from 
 checkpoint size and comparing it with what this process may use turns that into one
 clear error at the start.
 
-The rule, with B = the source model in BF16 bytes (2 bytes per parameter):
+The rule itself, need = W + B/2 + 2 GiB (the weights in the compute dtype where they
+sit in host memory, half the BF16 model for export and activations, and the runtime), and
+the measurements behind it live in nvfp4_common.sizing.whole_model_peak, which
+`nvfp4ctl estimate` reports too. This module turns the source's safetensors bytes into a
+parameter count and reads what this process may use: the container's memory limit
+(cgroup v2, else v1) and MemAvailable. With the compose default limit of 56 GiB on a
+Spark, the rule admits BF16 sources up to about 36 GiB (19B parameters).
 
-    need = W (the weights in the compute dtype, where they sit in host memory)
-         + B / 2 (what else grows with the model: export's quantized tensors, one
-           calibration or evaluation batch of activations; on a discrete GPU, the
-           host-side copies made while loading and exporting)
-         + 2 GiB (torch, ModelOpt, the CUDA context, tokenizer, calibration text)
-
-W is B on a GPU (BF16) and 2 x B on a CPU in float32 (the default NVFP4_CPU_DTYPE). On a
-CPU, and on a GPU without memory of its own (DGX Spark / GB10), the weights are host
-memory; on a discrete GPU they are not, so W counts as 0 there.
-
-Measured (docs/benchmarks.md): an 8B model, B = 15.3 GiB, peaked at 22.2 GiB of GPU memory
-(W + 0.46 B; the rule says W + 0.5 B) and 8.0 GiB of host RSS on an H200 (the rule for a
-discrete GPU: 0.5 B + 2 GiB = 9.6 GiB). SmolLM2-135M on a CPU in float32, B = 269 MB,
-peaked at 1.86-2.07 GB (the rule: 0.54 + 0.13 GB + 2 GiB = 2.8 GB). Small models are
-dominated by the fixed part. With the compose default limit of 56 GiB on a Spark, the rule
-admits BF16 sources up to about 36 GiB (19B parameters). Not yet measured on a GB10.
 The check runs in the job's process after torch is imported, so part of the runtime is
 already out of MemAvailable and counted twice: an error of under 1 GiB, on the safe side.
 
@@ -37,31 +27,17 @@ from pathlib import Path
 import torch
 
 from nvfp4_common.meminfo import MEMINFO, parse_meminfo, read_meminfo
+from nvfp4_common.sizing import PeakMemory, gib, whole_model_peak
 from nvfp4_worker.errors import JobError
 
-GIB = 1024**3
-RUNTIME_BYTES = 2 * GIB
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
 # cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
 _NO_LIMIT = 2**62
 # Bytes per element of the source's dominant safetensors dtype (checkpoint.weights_dtype);
-# anything else is counted as 2 bytes, the common case.
+# anything else is counted as 2 bytes, the common case. The safetensors headers are
+# counted as weights too: a few MB of a model, on the safe side.
 _SOURCE_ITEMSIZE = {"BF16": 2, "FP16": 2, "FP32": 4, "FP64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-@dataclass(frozen=True)
-class Need:
-    """Estimated peak memory of one job, in bytes, split as the module docstring says."""
-
-    weights: int
-    working: int
-    runtime: int
-    compute_dtype: str
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.working + self.runtime
 
 
 @dataclass(frozen=True)
@@ -90,12 +66,10 @@ def weights_in_host_memory(device: torch.device) -> bool:
 
 def estimate(
     source_bytes: int, source_dtype: str | None, compute_dtype: torch.dtype, in_host: bool
-) -> Need:
+) -> PeakMemory:
     """The job's host-memory need from the source's safetensors bytes and dtype."""
-    elements = source_bytes // _SOURCE_ITEMSIZE.get(source_dtype or "", 2)
-    bf16 = elements * 2
-    weights = elements * compute_dtype.itemsize if in_host else 0
-    return Need(weights, bf16 // 2, RUNTIME_BYTES, str(compute_dtype).removeprefix("torch."))
+    params = source_bytes // _SOURCE_ITEMSIZE.get(source_dtype or "", 2)
+    return whole_model_peak(params, str(compute_dtype).removeprefix("torch."), in_host)
 
 
 def cgroup_limit(v2: Path = CGROUP_V2_MAX, v1: Path = CGROUP_V1_LIMIT) -> int | None:
@@ -131,11 +105,7 @@ def room(v2: Path | None = None, v1: Path | None = None, meminfo: Path | None = 
     )
 
 
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
-def check(model: str, need: Need, have: Room) -> str:
+def check(model: str, need: PeakMemory, have: Room) -> str:
     """A one-line summary for the job's log, or JobError when `need` exceeds `have`."""
     parts = []
     if have.limit is not None:

@@ -61,7 +61,8 @@ def test_estimate_keeps_modules_matched_by_a_wildcard_exclusion(tmp_path: Path) 
     plain = checkpoint.estimate_output_bytes(folder, fmt, [])
     down = checkpoint.estimate_output_bytes(folder, fmt, ["model.layers.*.mlp.down_proj"])
     one = checkpoint.estimate_output_bytes(folder, fmt, ["layers.1.mlp.down_proj"])
-    # A kept 32x32 weight is written in BF16 (2 bytes) instead of 0.5 + 1/16 bytes.
-    per_module = int(32 * 32 * (2 - (0.5 + 1 / 16)))
+    # A kept 32x32 weight is written in BF16 (2 bytes) instead of 0.5 + 1/16 bytes and
+    # two float32 per-tensor scales.
+    per_module = 32 * 32 * 2 - (32 * 32 * (0.5 + 1 / 16) + 8)
     assert one - plain == per_module
     assert down - plain == 2 * per_module

@@ -74,15 +74,13 @@ def test_memory_options_are_decimal_gb(tmp_path: Path) -> None:
 def test_memory_fit_on_a_small_machine() -> None:
     shape = Shape.from_config(QWEN3_32B)
     sizes = checkpoint_sizes(shape)
-    fit = memory_fit(shape, sizes, "nvfp4", memory_gib=32, reserve_gib=4, calib_seq_len=2048)
+    fit = memory_fit(shape, sizes, "nvfp4", memory_gib=32, reserve_gib=4)
     assert not fit.quantize_fits  # 61 GiB of BF16 weights cannot be loaded in 32 GiB
     assert fit.gpu_memory_utilization == 0.85
     budget = 0.85 * 32 - fit.weights_gib - (2 + 0.05 * fit.weights_gib)
     assert fit.kv_tokens == int(budget * GIB // 262144)
     assert fit.max_model_len % 1024 == 0 and fit.max_model_len <= fit.kv_tokens
-    fp8kv = memory_fit(
-        shape, sizes, "nvfp4-fp8kv", memory_gib=32, reserve_gib=4, calib_seq_len=2048
-    )
+    fp8kv = memory_fit(shape, sizes, "nvfp4-fp8kv", memory_gib=32, reserve_gib=4)
     assert fp8kv.kv_tokens == pytest.approx(2 * fit.kv_tokens, abs=2)
 
 

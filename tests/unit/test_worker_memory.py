@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from nvfp4_common.settings import Settings
+from nvfp4_common.sizing import GIB
 from nvfp4_worker import memory
 from nvfp4_worker.errors import JobError
 
-GIB = memory.GIB
 # cgroup v1's "no limit", as this kind of host writes it.
 V1_UNLIMITED = "9223372036854771712"
 

@@ -1,0 +1,250 @@
+"""Sizes and memory rules of a quantization job: the one place they are written.
+
+`nvfp4ctl estimate` (from config.json), the worker (from the source's safetensors
+headers, before it loads weights) and serving's memory check all take their numbers from
+here, so they cannot disagree about the same model. Everything is a pure function of its
+arguments: no torch, no files. Callers read config.json, safetensors headers and
+/proc/meminfo and pass in what they found. Sizes are binary (GiB = 2**30 bytes).
+
+What stays unquantized follows ModelOpt 0.47's own presets: NVFP4_DEFAULT_CFG and
+FP8_DEFAULT_CFG both end with `modelopt_recipes/configs/ptq/units/
+default_disabled_quantizers.yaml`, which disables the quantizers of `*lm_head*`,
+`*router*`, `*mlp.gate.*` (MoE routers of Qwen2/3-MoE, DeepSeek, ...),
+`*block_sparse_moe.gate*` (Mixtral), `*mlp.shared_expert_gate.*` and every
+`nn.Embedding`; norms are not linear layers and get no quantizer at all. A module whose
+weight quantizer is disabled is exported as it was, in BF16. The router gate is small
+(experts x hidden) but sits on every token's path, which is why ModelOpt keeps it.
+Checked on a tiny Qwen3-MoE with transformers 5.17: its router (Qwen3MoeTopKRouter) is
+not even an nn.Linear, so it gets no quantizer; the export writes `mlp.gate.weight`
+unquantized, lists it in hf_quant_config.json's exclude_modules next to lm_head and
+model.embed_tokens, and writes each expert's gate/up/down_proj as NVFP4 under its own
+2-D name, as the source checkpoint names them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+GIB = 2**30
+
+
+def gib(n: float) -> str:
+    """Bytes as GiB for a message: 1.50 GiB."""
+    return f"{n / GIB:.2f} GiB"
+
+
+# -- formats -----------------------------------------------------------------------------
+
+# Bits per stored weight. NVFP4: a 4-bit E2M1 value plus one FP8 (E4M3) scale per block of
+# 16 values = 4.5 bits; FP8: one byte. The per-tensor float32 scales come on top
+# (PER_TENSOR_SCALE_BYTES).
+BITS_PER_WEIGHT = {"bf16": 16.0, "nvfp4": 4.5, "nvfp4-fp8kv": 4.5, "fp8": 8.0}
+NVFP4_BLOCK = 16
+# Per quantized linear, float32 scalars: NVFP4 weight_scale_2 + input_scale; FP8
+# weight_scale + input_scale.
+PER_TENSOR_SCALE_BYTES = 8
+# Everything that is not quantized is written in BF16 (export runs with dtype=bfloat16).
+KEPT_BYTES_PER_PARAM = 2
+
+# Bytes per element of the dtypes a job computes in (torch names).
+COMPUTE_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+def quantized_weight_bytes(rows: int, cols: int, fmt: str) -> int:
+    """Bytes of one exported (rows x cols) linear weight with its scales.
+
+    NVFP4 packs two values per byte and stores one FP8 scale per 16 values of a row;
+    a row not a multiple of 16 long still takes a whole last block.
+    """
+    if fmt in ("nvfp4", "nvfp4-fp8kv"):
+        data = rows * math.ceil(cols / 2) + rows * math.ceil(cols / NVFP4_BLOCK)
+    elif fmt == "fp8":
+        data = rows * cols
+    else:
+        raise ValueError(f"unknown quantization format {fmt!r}")
+    return data + PER_TENSOR_SCALE_BYTES
+
+
+# -- which weights are quantized ---------------------------------------------------------
+
+# The name patterns of ModelOpt 0.47's default_disabled_quantizers.yaml, verbatim, matched
+# as ModelOpt matches them: fnmatch against a quantizer's name, e.g.
+# "model.layers.0.mlp.gate.weight_quantizer". Its nn.Embedding rule works by class, not
+# by name: see NOT_LINEAR.
+MODELOPT_DISABLED = (
+    "*block_sparse_moe.gate*",
+    "*linear_attn.conv1d*",
+    "*self_attention.conv1d*",
+    "*linear_attn.in_proj_a*",
+    "*linear_attn.in_proj_b*",
+    "*lm_head*",
+    "*mixer.conv1d*",
+    "*mlp.gate.*",
+    "*mlp.shared_expert_gate.*",
+    "*output_layer*",
+    "*proj_out.*",
+    "*router*",
+    "mtp.*",
+    "output.*",
+    "*embed_vision*",
+    "*vision_tower*",
+    "*visual*",
+    "*vision_model*",
+    "*multi_modal_projector*",
+)
+# 2-D weights that are not linear layers, known by name where only a tensor list is at
+# hand (safetensors headers): embeddings (ModelOpt disables nn.Embedding) and norms.
+NOT_LINEAR = ("embed", "wte", "wpe", "norm")
+
+
+def exclusion_pattern(glob: str) -> str:
+    """A user's module glob as the quantizer-name pattern the worker gives ModelOpt:
+    `*glob*`, so "layers.1.mlp.down_proj" matches model.layers.1.mlp.down_proj's
+    quantizers (and, as in ModelOpt, layers.10-19's too)."""
+    return f"*{glob.strip('*')}*"
+
+
+def is_kept_linear(module: str, exclude: Sequence[str] = ()) -> bool:
+    """True when ModelOpt leaves this linear module unquantized: one of its default
+    exclusions (lm_head, MoE routers) or a user's --exclude glob."""
+    quantizer = f"{module}.weight_quantizer"
+    patterns = (*MODELOPT_DISABLED, *(exclusion_pattern(g) for g in exclude if g.strip("*")))
+    return any(fnmatch.fnmatch(quantizer, p) for p in patterns)
+
+
+def is_linear_weight(name: str, shape: Sequence[int]) -> bool:
+    """A tensor that is the weight of a linear layer, judged from its name and shape."""
+    return (
+        len(shape) == 2
+        and name.endswith(".weight")
+        and not any(hint in name for hint in NOT_LINEAR)
+    )
+
+
+# -- the exported checkpoint -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointEstimate:
+    """The exported checkpoint of one format, from the source's tensor list."""
+
+    fmt: str
+    params: int
+    quantized_params: int
+    output_bytes: int
+    kept_linears: tuple[str, ...]  # linear modules left in BF16: lm_head, routers, --exclude
+
+    @property
+    def bf16_bytes(self) -> int:
+        return KEPT_BYTES_PER_PARAM * self.params
+
+    @property
+    def kept_params(self) -> int:
+        return self.params - self.quantized_params
+
+
+def estimate_checkpoint(
+    tensors: Iterable[tuple[str, Sequence[int]]], fmt: str, exclude: Sequence[str] = ()
+) -> CheckpointEstimate:
+    """Size of the checkpoint ModelOpt exports in `fmt` from tensors (name, shape).
+
+    Linear weights that ModelOpt quantizes shrink to the format's width plus their
+    scales; everything else (embeddings, norms, biases, lm_head, routers, excluded
+    modules) is written in BF16. The FP8 KV cache's k_scale/v_scale scalars (8 bytes a
+    layer) are not counted.
+    """
+    params = quantized = output = 0
+    kept: list[str] = []
+    for name, shape in tensors:
+        numel = math.prod(shape)
+        params += numel
+        if is_linear_weight(name, shape):
+            module = name.removesuffix(".weight")
+            if not is_kept_linear(module, exclude):
+                quantized += numel
+                output += quantized_weight_bytes(shape[0], shape[1], fmt)
+                continue
+            kept.append(module)
+        output += KEPT_BYTES_PER_PARAM * numel
+    return CheckpointEstimate(fmt, params, quantized, output, tuple(kept))
+
+
+# -- KV cache ----------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:
+    """K and V for every layer: layers x kv_heads x head_dim x 2 x bytes per value."""
+    return layers * kv_heads * head_dim * 2 * bytes_per_value
+
+
+def kv_bytes_per_value(fmt: str) -> int:
+    """KV cache element size vLLM uses for a checkpoint of `fmt`: only nvfp4-fp8kv asks
+    for an FP8 cache (its checkpoint says kv_cache_quant_algo FP8); plain FP8 and NVFP4
+    quantize weights and activations and leave the cache in BF16."""
+    return 1 if fmt == "nvfp4-fp8kv" else 2
+
+
+# -- peak memory of a quantization job ---------------------------------------------------
+
+RUNTIME_BYTES = 2 * GIB
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """A job's estimated peak of host memory, in bytes, by part (see whole_model_peak)."""
+
+    rule: str  # which peak rule made it, e.g. "whole-model"
+    weights: int  # resident weights in the compute dtype, where they are host memory
+    working: int  # what else grows with the model: export, activations, copies
+    runtime: int  # torch, ModelOpt, CUDA context, tokenizer, calibration text
+    compute_dtype: str
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.working + self.runtime
+
+
+def whole_model_peak(params: int, compute_dtype: str, weights_in_host: bool) -> PeakMemory:
+    """Peak host memory of quantizing the whole model at once (ModelOpt's PTQ + export).
+
+    With B = the model in BF16 (2 bytes per parameter):
+
+        need = W (the weights in the compute dtype, where they sit in host memory)
+             + B / 2 (what else grows with the model: export's quantized tensors, one
+               calibration or evaluation batch of activations; on a discrete GPU, the
+               host-side copies made while loading and exporting)
+             + 2 GiB (torch, ModelOpt, the CUDA context, tokenizer, calibration text)
+
+    W is B on a GPU (BF16) and 2 x B on a CPU in float32. On a CPU, and on a GPU without
+    memory of its own (DGX Spark / GB10), the weights are host memory; on a discrete GPU
+    they are not, so W counts as 0 there.
+
+    Measured (docs/benchmarks.md): an 8B model, B = 15.3 GiB, peaked at 22.2 GiB of GPU
+    memory (W + 0.46 B; the rule says W + 0.5 B) and 8.0 GiB of host RSS on an H200 (the
+    rule for a discrete GPU: 0.5 B + 2 GiB = 9.6 GiB). SmolLM2-135M on a CPU in float32,
+    B = 269 MB, peaked at 1.86-2.07 GB (the rule: 0.54 + 0.13 GB + 2 GiB = 2.8 GB). Small
+    models are dominated by the fixed part. Not yet measured on a GB10.
+
+    This is the rule the worker refuses jobs by, and `nvfp4ctl estimate` reports the same
+    figure. The estimate used to add its own parts instead: BF16 model + the quantized
+    checkpoint + one calibration pass (seq_len x (32 x hidden + 4 x vocab) bytes) + 2 GiB,
+    about 1.3 B + 3.5 GiB in NVFP4; for Qwen3-32B on a Spark 83.7 GiB against this rule's 93.5
+    GiB. This rule was kept because it is the one checked against measured peaks and the
+    one that decides: with two rules, the estimate said "fits" for jobs (a 32B model with
+    85-93 GiB free) that the worker then refused.
+
+    A layer-by-layer rule (one decoder layer in the compute dtype plus the calibration
+    activations, for quantizing models larger than memory) belongs beside this one as
+    another function returning a PeakMemory with its own `rule`; callers pick by the
+    job's mode.
+    """
+    try:
+        itemsize = COMPUTE_DTYPE_BYTES[compute_dtype]
+    except KeyError:
+        raise ValueError(f"unknown compute dtype {compute_dtype!r}") from None
+    bf16 = KEPT_BYTES_PER_PARAM * params
+    weights = params * itemsize if weights_in_host else 0
+    return PeakMemory("whole-model", weights, bf16 // 2, RUNTIME_BYTES, compute_dtype)
