@@ -16,6 +16,7 @@ import secrets
 from typing import Any
 
 # Builder arguments of nvfp4_serve.app:build_app, named by its one model (ServeArgs).
+from nvfp4_common.errors import Nvfp4Error
 from nvfp4_common.serving import (
     ALIASES_ARG,
     AUTOSCALING_ARG,
@@ -35,7 +36,7 @@ SURGE_PERCENT = 100
 _CARRIED_KEYS = ("proxy_location", "http_options", "grpc_options", "target_capacity")
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(Nvfp4Error, ValueError):
     """The current Serve state cannot be turned into the requested config."""
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from nvfp4_common.errors import Nvfp4Error
 from nvfp4_common.sizing import (
     GIB,
     CheckpointEstimate,
@@ -31,7 +32,7 @@ _QK_NORM = {"qwen3", "qwen3_moe", "olmo2", "gemma3", "gemma3_text"}
 ESTIMATE_COMPUTE_DTYPE = "bfloat16"
 
 
-class ConfigError(ValueError):
+class ConfigError(Nvfp4Error, ValueError):
     """The config lacks what a size estimate needs."""
 
 

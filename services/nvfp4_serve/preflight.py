@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nvfp4_common.errors import Nvfp4Error
 from nvfp4_common.meminfo import parse_meminfo
 from nvfp4_common.sizing import GIB, gib
 
@@ -21,7 +22,7 @@ from nvfp4_common.sizing import GIB, gib
 HOST_HEADROOM_BYTES = 1 * GIB
 
 
-class PreflightError(RuntimeError):
+class PreflightError(Nvfp4Error, RuntimeError):
     """The model cannot start with this configuration; the message says what to change."""
 
 
