@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from nvfp4_common.errors import Nvfp4Error
+
 _PREFIXES = ("vllm:", "ray_vllm_")
 # Labels that tell one engine's series from another's, as vLLM and Ray set them.
 _ENGINE_LABELS = ("WorkerId", "ReplicaId", "engine")
@@ -22,7 +24,7 @@ _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
 
-class MetricsError(RuntimeError):
+class MetricsError(Nvfp4Error, RuntimeError):
     """The metrics URL did not answer with Prometheus text."""
 
 

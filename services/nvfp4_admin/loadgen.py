@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+from nvfp4_common.errors import Nvfp4Error
+
 # Plain prose so the prompt tokenizes to roughly one token per word on any tokenizer.
 _PROMPT_TEXT = (
     "The quick brown fox jumps over the lazy dog while the river runs past the old mill and"
@@ -47,6 +49,8 @@ class RequestStats:
     tokens: int
     # completion_tokens of the server's usage chunk; None when the stream had none.
     usage_tokens: int | None = None
+    # Chunks that carried generated text (0: the stream had none, and no real TTFT).
+    text_chunks: int = 0
 
     @property
     def decode_tps(self) -> float | None:
@@ -217,7 +221,7 @@ async def stream_request(
     if first is None and require_text:
         raise RuntimeError("the stream ended without any generated text")
     ttft = (first if first is not None else end) - start
-    return RequestStats(ttft, end - start, usage_tokens or chunks, usage_tokens)
+    return RequestStats(ttft, end - start, usage_tokens or chunks, usage_tokens, chunks)
 
 
 def v1_url(base_url: str) -> str:
@@ -225,11 +229,15 @@ def v1_url(base_url: str) -> str:
     return base if base.endswith("/v1") else base + "/v1"
 
 
+class EndpointError(Nvfp4Error, RuntimeError):
+    """The OpenAI endpoint answered, but not with success (a wrong URL or API key)."""
+
+
 def served_models(base_url: str, api_key: str | None, timeout_s: float = 30.0) -> list[str]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     r = httpx.get(v1_url(base_url) + "/models", headers=headers, timeout=timeout_s, trust_env=False)
     if r.status_code != 200:
-        raise RuntimeError(
+        raise EndpointError(
             f"{v1_url(base_url)}/models answered HTTP {r.status_code}: {r.text[:200]}"
         )
     return [m["id"] for m in r.json().get("data", [])]

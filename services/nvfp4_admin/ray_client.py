@@ -19,10 +19,12 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from nvfp4_common.errors import Nvfp4Error
+
 SERVE_APPS = "/api/serve/applications/"
 
 
-class RayApiError(RuntimeError):
+class RayApiError(Nvfp4Error, RuntimeError):
     """Ray's dashboard answered, but not with success."""
 
 

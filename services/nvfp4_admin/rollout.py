@@ -32,9 +32,10 @@ from typing import Any
 
 from nvfp4_admin import serve_config as sc
 from nvfp4_admin.ray_client import RayClient
+from nvfp4_common.errors import Nvfp4Error
 
 
-class RolloutError(RuntimeError):
+class RolloutError(Nvfp4Error, RuntimeError):
     """The new model did not become ready; the message says what Ray reported."""
 
 

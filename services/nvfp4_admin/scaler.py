@@ -12,13 +12,15 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from nvfp4_common.errors import Nvfp4Error
+
 # Compose v2 labels every container it creates with these.
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 NUMBER_LABEL = "com.docker.compose.container-number"
 
 
-class ScaleError(RuntimeError):
+class ScaleError(Nvfp4Error, RuntimeError):
     """Scaling could not be done; the message says why and what to do."""
 
 

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from nvfp4_common.errors import Nvfp4Error
+
 logger = logging.getLogger(__name__)
 
 # Only the probes stay open: a kubelet has no API key. /docs and /openapi.json need one.
@@ -25,7 +27,7 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
 
 
-class AuthConfigError(RuntimeError):
+class AuthConfigError(Nvfp4Error, RuntimeError):
     """Refuse to start: production without keys, or an unreadable key file."""
 
 
