@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from nvfp4_admin.loadgen import stream_request
+
 QUESTIONS = [
     "What is the capital of France?",
     "Name three colours.",
@@ -82,39 +84,20 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, i: int, max_toke
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    start = time.perf_counter()
-    first: float | None = None
-    usage: dict[str, int] | None = None
     try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.errors.append(f"HTTP {response.status_code}: {text[:200]}")
-                return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("error"):
-                    result.errors.append(f"error chunk: {str(chunk['error'])[:200]}")
-                    return
-                choices = chunk.get("choices") or []
-                if first is None and any((c.get("delta") or {}).get("content") for c in choices):
-                    first = time.perf_counter()
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        # TTFT as everywhere here: up to the first chunk with text, not the role chunk.
+        stats = await stream_request(client, url, body, require_text=False)
+    except (RuntimeError, httpx.HTTPError, json.JSONDecodeError) as e:
         result.errors.append(f"{type(e).__name__}: {e}"[:200])
         return
-    if usage is None:
+    if stats.usage_tokens is None:
         result.errors.append("stream ended without its usage record")
         return
-    end = time.perf_counter()
     result.ok += 1
-    result.tokens += usage.get("completion_tokens", 0)
-    result.latency_s.append(end - start)
-    if first is not None:
-        result.ttft_s.append(first - start)
+    result.tokens += stats.usage_tokens
+    result.latency_s.append(stats.total_s)
+    if stats.text_chunks:
+        result.ttft_s.append(stats.ttft_s)
 
 
 async def soak(base_url: str, api_key: str, model: str, concurrency: int = 8,

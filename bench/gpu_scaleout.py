@@ -6,10 +6,10 @@ of the engine deployment's `num_replicas`; scaling to 2 changes only that overri
 Ray applies as a lightweight update: the running replica stays and one more is placed on
 the free GPU. nvidia-smi, read after each phase, shows which GPUs hold an engine.
 
-Load: streaming /v1/completions with the client of bench/gpu_serve.py (~130-token prompt,
-128 generated tokens, `ignore_eos`), spread over several client processes so that the
-client's own JSON parsing does not cap two replicas. Output tok/s, TTFT p50/p95 per
-concurrency, and the ratio of 2 to 1 replicas.
+Load: streaming /v1/completions with `nvfp4_admin.loadgen`, as in bench/gpu_serve.py
+(~130-token prompt, 128 generated tokens, `ignore_eos`), spread over several client
+processes so that the client's own JSON parsing does not cap two replicas. Output tok/s,
+TTFT p50/p95 per concurrency, and the ratio of 2 to 1 replicas.
 
 Phases `one` and `two` let the two halves run as separate commands: `one` leaves the
 cluster running (its processes are in their own session) and writes `--state`; `two`
@@ -26,25 +26,18 @@ import asyncio
 import json
 import multiprocessing as mp
 import re
-import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from gpu_serve import API_KEY, NAME, serve_row
+from gpu_vllm import CAPTURE_SIZES, engine_kwargs
+
+from devkit import serve_cluster, text
+from nvfp4_admin.loadgen import LevelStats, LoadGenerator, RequestStats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from gpu_serve import API_KEY, NAME, one_request  # noqa: E402
-from gpu_vllm import CAPTURE_SIZES, engine_kwargs  # noqa: E402
-
-from tests import serve_harness  # noqa: E402
-from tests.fixtures import text  # noqa: E402
-
 # Ray Serve LLM names the engine deployment "LLMServer:<model id>".
 ENGINE = f"LLMServer:{NAME}"
 GPU_MEMORY_UTILIZATION = 0.85
@@ -79,23 +72,12 @@ def _client(
     """One client process: warm up, wait for the others, then run `requests` at `conc`."""
 
     async def run() -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
-        url = f"{base}/v1/completions"
-        async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
-            await asyncio.gather(*(one_request(client, url, prompt, 8) for _ in range(conc)))
-            barrier.wait()  # blocking on purpose: nothing else runs in this loop yet
-            pending = list(range(requests))
-            results: list[dict[str, float]] = []
-
-            async def worker() -> None:
-                while pending:
-                    pending.pop()
-                    results.append(await one_request(client, url, prompt, tokens))
-
-            t0 = time.time()
-            await asyncio.gather(*(worker() for _ in range(conc)))
-            return {"t0": t0, "t1": time.time(), "results": results}
+        gen = LoadGenerator(base, NAME, API_KEY, 0, tokens, timeout_s=600, prompt=prompt)
+        await gen.level(conc, max_tokens=8)
+        barrier.wait()  # blocking on purpose: nothing else runs in this loop yet
+        t0 = time.time()
+        stats = await gen.level(conc, requests)
+        return {"t0": t0, "t1": time.time(), "requests": stats.requests, "errors": stats.errors}
 
     try:
         queue.put(asyncio.run(run()))
@@ -127,24 +109,13 @@ def load(base: str, conc: int, requests: int, tokens: int, processes: int) -> di
     errors = [p["error"] for p in parts if "error" in p]
     if errors:
         raise RuntimeError(f"client failed: {errors[0]}")
-    results = [r for p in parts for r in p["results"]]
     wall = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
-    ttft = sorted(r["ttft_s"] for r in results)
-    return {
-        "concurrency": conc,
-        "requests": len(results),
-        "tokens_per_request": tokens,
-        "client_processes": procs,
-        "tok_s": round(sum(r["tokens"] for r in results) / wall, 1),
-        "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
-        "ttft_p95_ms": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] * 1000, 1),
-        "per_request_tok_s": round(
-            statistics.median((r["tokens"] - 1) / (r["total_s"] - r["ttft_s"]) for r in results), 1
-        ),
-    }
+    requests_done: list[RequestStats] = [r for p in parts for r in p["requests"]]
+    stats = LevelStats(conc, wall, requests_done, [e for p in parts for e in p["errors"]])
+    return {**serve_row(stats, tokens), "client_processes": procs}
 
 
-def bench(cluster: serve_harness.ServeCluster, replicas: int, args: argparse.Namespace) -> list:
+def bench(cluster: serve_cluster.ServeCluster, replicas: int, args: argparse.Namespace) -> list:
     rows = []
     for conc in args.concurrency:
         row = load(cluster.base_url, conc, args.requests_per_slot * conc, args.tokens, args.clients)
@@ -155,7 +126,7 @@ def bench(cluster: serve_harness.ServeCluster, replicas: int, args: argparse.Nam
 
 
 def wait_replicas(
-    cluster: serve_harness.ServeCluster, n: int, timeout_s: float, peaks: dict[str, int]
+    cluster: serve_cluster.ServeCluster, n: int, timeout_s: float, peaks: dict[str, int]
 ) -> None:
     """Until the engine deployment has `n` RUNNING replicas and the app is RUNNING.
 
@@ -176,8 +147,8 @@ def wait_replicas(
     raise TimeoutError(f"{n} replicas not running in {timeout_s:.0f} s: {cluster.diagnostics()}")
 
 
-def make_cluster(args: argparse.Namespace, override: bool) -> serve_harness.ServeCluster:
-    return serve_harness.ServeCluster(
+def make_cluster(args: argparse.Namespace, override: bool) -> serve_cluster.ServeCluster:
+    return serve_cluster.ServeCluster(
         app_args={
             "model": str(args.model),
             "model_name": NAME,
@@ -198,7 +169,7 @@ WRAPPERS = ("Engine core initialization failed", "RayTaskError", "raise RuntimeE
 ROOT_CAUSE = re.compile(r"^\s*(\w+\.)*\w*(Error|Exception)\b: .+")
 
 
-def root_causes(cluster: serve_harness.ServeCluster, dump: Path) -> list[str]:
+def root_causes(cluster: serve_cluster.ServeCluster, dump: Path) -> list[str]:
     """Distinct exception lines from Ray's session logs; the logs that hold one go to `dump`."""
     if cluster.temp_dir is None:
         return []
@@ -216,7 +187,7 @@ def root_causes(cluster: serve_harness.ServeCluster, dump: Path) -> list[str]:
     return found[:40]
 
 
-def phase_one(args: argparse.Namespace, result: dict[str, Any]) -> serve_harness.ServeCluster:
+def phase_one(args: argparse.Namespace, result: dict[str, Any]) -> serve_cluster.ServeCluster:
     """Start Ray, deploy 1 replica, measure; the cluster is left running."""
     t0 = time.monotonic()
     cluster = make_cluster(args, override=True)
@@ -239,7 +210,7 @@ def phase_one(args: argparse.Namespace, result: dict[str, Any]) -> serve_harness
 
 
 def phase_two(
-    cluster: serve_harness.ServeCluster, args: argparse.Namespace, result: dict[str, Any]
+    cluster: serve_cluster.ServeCluster, args: argparse.Namespace, result: dict[str, Any]
 ) -> None:
     """Scale the running app to 2 replicas, check both GPUs, measure."""
     t0 = time.monotonic()
@@ -265,7 +236,7 @@ def phase_two(
     result["ratio"] = {str(c): round(two[c] / one[c], 2) for c in two if c in one}
 
 
-def save_state(path: Path, cluster: serve_harness.ServeCluster, result: dict[str, Any]) -> None:
+def save_state(path: Path, cluster: serve_cluster.ServeCluster, result: dict[str, Any]) -> None:
     state = {
         "marker": cluster.marker,
         "ports": cluster.ports,
@@ -277,7 +248,7 @@ def save_state(path: Path, cluster: serve_harness.ServeCluster, result: dict[str
     path.write_text(json.dumps(state, indent=1))
 
 
-def attach(path: Path, args: argparse.Namespace) -> tuple[serve_harness.ServeCluster, dict]:
+def attach(path: Path, args: argparse.Namespace) -> tuple[serve_cluster.ServeCluster, dict]:
     state = json.loads(path.read_text())
     cluster = make_cluster(args, override=bool(state["deployments"]))
     cluster.marker = state["marker"]
@@ -303,7 +274,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/gpu_scaleout.json")
     args = parser.parse_args()
     # The harness runs `ray` and `serve` from this prefix (a venv, or the GPU site dir).
-    serve_harness.SERVE_VENV = args.ray_prefix
+    serve_cluster.SERVE_VENV = args.ray_prefix
 
     if args.phase == "two":
         cluster, result = attach(args.state, args)

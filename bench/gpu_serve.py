@@ -11,10 +11,18 @@ variables, others build_app args), each only if enough of `--deadline-s` is left
 `--append` adds to an earlier run's JSON on the same machine (a second call when all do
 not fit one), reusing its plain-vLLM rows as the baseline.
 
+The client is `nvfp4_admin.loadgen`, the one behind `nvfp4ctl bench` (TTFT: from just
+before the request is sent to the first chunk with generated text). With `--vllm-bench`,
+vLLM's own `vllm bench serve` (random 128-token prompts, `--random-output-len --tokens`,
+`--ignore-eos`, `--max-concurrency N`) also runs against each endpoint after our client at
+each concurrency; its figures go into the same row under "vllm_bench" and into the table.
+
     python3 bench/gpu_serve.py --model /tmp/models/published/X --ray-prefix /tmp/site \
         --out bench/results/gpu_serve.json
     python3 bench/gpu_serve.py ... --append --skip-ours --skip-plain \
         --variant batcher=first_chunk_now=false
+    python3 bench/gpu_serve.py ... --concurrency 1 16 64 128 --vllm-bench \
+        --vllm-bin /tmp/site/bin/vllm
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -32,84 +40,50 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from gpu_vllm import CAPTURE_SIZES, engine_kwargs
+from serve_overhead import parse_variant
+
+from devkit import serve_cluster, text, vllm_bench
+from nvfp4_admin.loadgen import LevelStats, LoadGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from gpu_vllm import CAPTURE_SIZES, engine_kwargs  # noqa: E402
-from serve_overhead import parse_variant  # noqa: E402
-
-from tests import serve_harness  # noqa: E402
-from tests.fixtures import text  # noqa: E402
-
 API_KEY = "bench-key"
 NAME = "bench"
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> dict:
-    body = {
-        "model": NAME,
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+def serve_row(stats: LevelStats, tokens: int) -> dict[str, Any]:
+    """One concurrency level as a row of this benchmark's JSON (and gpu_tables.py's table).
+
+    Raises RuntimeError when a request failed or generated other than `tokens` tokens.
+    """
+    if stats.errors:
+        raise RuntimeError(f"{len(stats.errors)} request(s) failed, e.g. {stats.errors[0]}")
+    wrong = [r.tokens for r in stats.requests if r.tokens != tokens]
+    if wrong:
+        raise RuntimeError(f"a stream gave {wrong[0]} tokens, asked for {tokens}")
+    s = stats.summary()
+    return {
+        "concurrency": stats.concurrency,
+        "requests": s["requests"],
+        "tokens_per_request": tokens,
+        "tok_s": s["throughput_tok_s"],
+        "ttft_p50_ms": s["ttft_p50_ms"],
+        "ttft_p95_ms": s["ttft_p95_ms"],
+        "per_request_tok_s": s["decode_tok_s_per_stream"],
     }
-    start = time.perf_counter()
-    first = None
-    n_out = 0
-    async with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and first is None:
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                n_out = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    if first is None or n_out != tokens:
-        raise RuntimeError(f"stream gave {n_out} tokens, asked for {tokens}")
-    return {"ttft_s": first - start, "tokens": n_out, "total_s": end - start}
 
 
 async def load(
     base: str, key: str | None, conc: int, requests: int, tokens: int, prompt: str
-) -> dict:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = f"{base}/v1/completions"
-    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
-        await asyncio.gather(*(one_request(client, url, prompt, 8) for _ in range(conc)))
-        pending = list(range(requests))
-        results: list[dict[str, float]] = []
-
-        async def worker() -> None:
-            while pending:
-                pending.pop()
-                results.append(await one_request(client, url, prompt, tokens))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(conc)))
-        wall = time.perf_counter() - t0
-    ttft = sorted(r["ttft_s"] for r in results)
-    return {
-        "concurrency": conc,
-        "requests": len(results),
-        "tokens_per_request": tokens,
-        "tok_s": round(sum(r["tokens"] for r in results) / wall, 1),
-        "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
-        "ttft_p95_ms": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] * 1000, 1),
-        "per_request_tok_s": round(
-            statistics.median((r["tokens"] - 1) / (r["total_s"] - r["ttft_s"]) for r in results), 1
-        ),
-    }
+) -> dict[str, Any]:
+    """`conc` short warm-up streams, then `requests` streams with `conc` in flight."""
+    gen = LoadGenerator(base, NAME, key, 0, tokens, timeout_s=600, prompt=prompt)
+    await gen.level(conc, max_tokens=8)  # connections open, this batch size's graphs warm
+    return serve_row(await gen.level(conc, requests), tokens)
 
 
 def plain_vllm(model: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    port = serve_harness.free_port()
+    port = serve_cluster.free_port()
     kwargs = engine_kwargs(args.eager)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
     cmd += ["--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port)]
@@ -151,18 +125,46 @@ PLAIN = "plain vLLM OpenAI server"
 
 
 def bench_target(label: str, base: str, key: str | None, args: argparse.Namespace) -> list[dict]:
+    """Our client at each concurrency, then (with --vllm-bench) `vllm bench serve` too."""
     prompt = text.corpus(460)
     rows = []
     for conc in args.concurrency:
         row = asyncio.run(load(base, key, conc, max(8, 4 * conc), args.tokens, prompt))
         row["target"] = label
+        if args.vllm_bench:
+            row["vllm_bench"] = run_vllm_bench(label, base, key, conc, args)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
+def run_vllm_bench(
+    label: str, base: str, key: str | None, conc: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """`vllm bench serve` at `conc` against `base`; its figures, or {"error": ...}."""
+    slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
+    result = f"{slug}-c{conc}.json"
+    cmd = vllm_bench.command(
+        args.vllm_bin,
+        base,
+        NAME,
+        args.model,
+        conc,
+        max(args.vllm_bench_min_prompts, 4 * conc),
+        args.vllm_bench_dir,
+        result,
+        input_len=args.vllm_bench_input_len,
+        output_len=args.tokens,
+    )
+    try:
+        return vllm_bench.run(cmd, key, args.vllm_bench_dir / result, timeout_s=900)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Each row's throughput ratio and extra TTFT p50 against plain vLLM at its concurrency."""
+    """Each row's throughput ratio and extra TTFT p50 against plain vLLM at its concurrency,
+    by our client and (where both rows have it) by `vllm bench serve`."""
     plain = {r["concurrency"]: r for r in rows if r["target"] == PLAIN}
     for r in rows:
         p = plain.get(r["concurrency"])
@@ -170,6 +172,11 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         r["tok_s_ratio"] = round(r["tok_s"] / p["tok_s"], 3)
         r["extra_ttft_p50_ms"] = round(r["ttft_p50_ms"] - p["ttft_p50_ms"], 1)
+        ours, theirs = r.get("vllm_bench") or {}, p.get("vllm_bench") or {}
+        if ours.get("tok_s") and theirs.get("tok_s"):
+            ours["tok_s_ratio"] = round(ours["tok_s"] / theirs["tok_s"], 3)
+        if ours.get("ttft_p50_ms") is not None and theirs.get("ttft_p50_ms") is not None:
+            ours["extra_ttft_p50_ms"] = round(ours["ttft_p50_ms"] - theirs["ttft_p50_ms"], 1)
 
 
 def run_ours(
@@ -180,7 +187,7 @@ def run_ours(
     result: dict[str, Any],
 ) -> None:
     t0 = time.monotonic()
-    cluster = serve_harness.ServeCluster(
+    cluster = serve_cluster.ServeCluster(
         app_args={
             "model": str(args.model),
             "model_name": NAME,
@@ -212,7 +219,27 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--ray-prefix", type=Path, required=True, help="folder of bin/ray")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 16], help="e.g. 1 16 64 128"
+    )
+    parser.add_argument(
+        "--vllm-bench",
+        action="store_true",
+        help="also run `vllm bench serve` at each concurrency against each endpoint",
+    )
+    parser.add_argument(
+        "--vllm-bin",
+        default=shutil.which("vllm") or "vllm",
+        help="the vllm command (default: `vllm` on PATH; /tmp/site/bin/vllm on the GPU host)",
+    )
+    parser.add_argument("--vllm-bench-dir", type=Path, default=Path("/tmp/vllm-bench"))
+    parser.add_argument("--vllm-bench-input-len", type=int, default=128)
+    parser.add_argument(
+        "--vllm-bench-min-prompts",
+        type=int,
+        default=32,
+        help="prompts per run: this or 4 x concurrency, whichever is more",
+    )
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--start-timeout-s", type=float, default=420)
@@ -226,7 +253,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     # The harness runs `ray` and `serve` from this prefix (a venv, or the GPU site dir).
-    serve_harness.SERVE_VENV = args.ray_prefix
+    serve_cluster.SERVE_VENV = args.ray_prefix
     result: dict[str, Any] = {
         "model": str(args.model),
         "settings": {

@@ -119,11 +119,24 @@ def decode_table(v: dict[str, Any]) -> str:
 
 
 def serve_table(s: dict[str, Any]) -> str:
+    """Our client's figures per endpoint and concurrency; with `vllm bench serve` figures
+    in the rows (gpu_serve.py --vllm-bench), three more columns of vLLM's own client."""
+
     def ratio(r: dict[str, Any]) -> str | None:
         return f"{r['tok_s_ratio']:.2f}x" if "tok_s_ratio" in r else None
 
     def extra(r: dict[str, Any]) -> str | None:
         return f"{r['extra_ttft_p50_ms']:+.1f}" if "extra_ttft_p50_ms" in r else None
+
+    with_vllm = any("vllm_bench" in r for r in s["rows"])
+
+    def vllm_cells(r: dict[str, Any]) -> list[Any]:
+        v = r.get("vllm_bench") or {}
+        if "error" in v:
+            return ["error", None, None, None]
+        tok_s = v.get("tok_s")
+        shown = f"{tok_s} ({ratio(v)})" if tok_s is not None and ratio(v) else tok_s
+        return [shown, v.get("ttft_p50_ms"), extra(v), v.get("ttft_p99_ms")]
 
     rows = [
         [
@@ -135,17 +148,33 @@ def serve_table(s: dict[str, Any]) -> str:
             extra(r),
             r["ttft_p95_ms"],
             r["per_request_tok_s"],
+            *(vllm_cells(r) if with_vllm else []),
         ]
         for r in sorted(s["rows"], key=lambda r: r["concurrency"])
     ]
     header = ["endpoint", "concurrency", "output tok/s", "vs plain", "TTFT p50 ms", "+ms"]
-    out = _table([*header, "TTFT p95 ms", "tok/s per request"], rows)
+    header += ["TTFT p95 ms", "tok/s per request"]
+    if with_vllm:
+        header += ["vllm bench tok/s (vs plain)", "vllm bench TTFT p50 ms", "+ms"]
+        header += ["vllm bench TTFT p99 ms"]
+    out = _table(header, rows)
+    if with_vllm:
+        out += (
+            "\n\nThe `vllm bench` columns: `vllm bench serve --dataset-name random` (128-token"
+            " prompts, `--ignore-eos`, `--max-concurrency` as the row) against the same endpoint"
+            " right after our client."
+        )
     starts = ", ".join(f"{k} {v} s" for k, v in s.get("startup_s", {}).items())
     if starts:
         out += f"\n\nStart to first answer: {starts}."
     for k, e in s.get("errors", {}).items():
         if e and not k.endswith("_log"):
             out += f"\n\n{k}: `{e.strip().splitlines()[-1][:300]}`"
+    for r in s["rows"]:
+        err = (r.get("vllm_bench") or {}).get("error")
+        if err:
+            last = err.strip().splitlines()[-1][:300]
+            out += f"\n\nvllm bench, {r['target']} at {r['concurrency']}: `{last}`"
     return out
 
 

@@ -32,7 +32,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,17 +40,10 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "services"))
+from devkit.serve_cluster import SERVE_PYTHON, ServeCluster, free_port, make_test_models
+from nvfp4_admin.loadgen import LoadGenerator
 
-from nvfp4_admin.loadgen import LoadGenerator  # noqa: E402
-from tests.serve_harness import (  # noqa: E402
-    SERVE_PYTHON,
-    ServeCluster,
-    free_port,
-    make_test_models,
-)
+ROOT = Path(__file__).resolve().parents[1]
 
 API_KEY = "bench-key"
 NAME = "bench"

@@ -118,14 +118,14 @@ def test_tokens_come_from_usage_when_the_server_sends_it(server: str) -> None:
 
 def test_without_usage_tokens_are_the_text_chunks(server: str) -> None:
     stats = _stream(f"{server}/nousage/v1/completions")
-    assert stats.tokens == 3 and stats.usage_tokens is None
+    assert stats.tokens == stats.text_chunks == 3 and stats.usage_tokens is None
 
 
 def test_a_stream_without_text_errors_or_counts_as_total_time(server: str) -> None:
     with pytest.raises(RuntimeError, match="without any generated text"):
         _stream(f"{server}/empty/v1/completions")
     stats = _stream(f"{server}/empty/v1/completions", require_text=False)
-    assert stats.ttft_s == stats.total_s and stats.tokens == 0
+    assert stats.ttft_s == stats.total_s and stats.tokens == stats.text_chunks == 0
 
 
 def test_http_errors_and_error_chunks_raise_one_line(server: str) -> None:
