@@ -22,8 +22,16 @@ from nvfp4_admin.output import (
 from nvfp4_common.jobs import Job, JobSpec, JobState, Priority, QuantFormat, Stage
 from nvfp4_common.queue import CancelOutcome, JobQueue, through_restarts
 
-# Stages a job moves through after it is claimed, for "stage i/n" in progress lines.
-_WORK_STAGES = [s for s in Stage if s not in (Stage.QUEUED, Stage.DONE)]
+# The stages of a claimed job in the order the worker runs them (nvfp4_worker.pipeline),
+# for "(i/n)" in progress lines: the model is evaluated before calibration and again after.
+_RUN_ORDER = [
+    Stage.LOADING,
+    Stage.EVALUATING,
+    Stage.CALIBRATING,
+    Stage.EVALUATING,
+    Stage.EXPORTING,
+    Stage.PUBLISHING,
+]
 
 # JobSpec field -> the `jobs submit` parameter that sets it, to name it in errors.
 _SPEC_PARAMS = {
@@ -285,14 +293,28 @@ def purge(app: AppContext, older_than: str, as_json: bool) -> None:
 # --- helpers --------------------------------------------------------------------------
 
 
-def _progress_text(job: Job) -> str:
+def _step(stage: Stage, after: int = 0) -> int:
+    """1-based place of `stage` in the run order: its first place at or after step `after`.
+
+    A watch passes the step it showed last, so the second evaluation counts as step 4 once
+    calibration (step 3) was seen; a single look (list, show) gives the first place.
+    """
+    if stage not in _RUN_ORDER:  # queued or done: no step of its own
+        return after
+    for i in range(max(after - 1, 0), len(_RUN_ORDER)):
+        if _RUN_ORDER[i] == stage:
+            return i + 1
+    return _RUN_ORDER.index(stage) + 1
+
+
+def _progress_text(job: Job, step: int | None = None) -> str:
     p = job.progress
     if job.state == JobState.SUCCEEDED:
         return "done"
     if job.state == JobState.QUEUED or p.stage == Stage.QUEUED:
         return "queued" if job.state == JobState.QUEUED else job.state.value
-    step = _WORK_STAGES.index(p.stage) + 1 if p.stage in _WORK_STAGES else len(_WORK_STAGES)
-    return f"{p.stage.value} {p.fraction:.0%} ({step}/{len(_WORK_STAGES)})"
+    step = (_step(p.stage) if step is None else step) or len(_RUN_ORDER)
+    return f"{p.stage.value} {p.fraction:.0%} ({step}/{len(_RUN_ORDER)})"
 
 
 def _perplexity(base: float | None, quant: float | None, change: float | None) -> str:
@@ -305,6 +327,7 @@ def _watch(queue: JobQueue, job_id: str, quiet: bool, poll_s: float = 0.5) -> Jo
     """Redraw one progress line (or print changes when not a terminal) until the job ends."""
     tty = sys.stdout.isatty()
     last = ""
+    step = 0  # the run-order step shown last: stage numbers only go forward
 
     def reconnecting(e: Exception, wait_s: float) -> None:
         if not quiet:
@@ -312,7 +335,9 @@ def _watch(queue: JobQueue, job_id: str, quiet: bool, poll_s: float = 0.5) -> Jo
 
     while True:
         job = through_restarts(lambda: queue.get(job_id), on_retry=reconnecting)
-        line = f"{job.id} {bar(job.progress.fraction)} {job.state.value}: {_progress_text(job)}"
+        step = _step(job.progress.stage, step)
+        text = _progress_text(job, step)
+        line = f"{job.id} {bar(job.progress.fraction)} {job.state.value}: {text}"
         if job.progress.message:
             line += f"  {job.progress.message}"
         if not quiet and line != last:

@@ -154,7 +154,7 @@ def test_submit_wait_follows_progress_to_success(redis_url: str, queue: JobQueue
     out = run(redis_url, "jobs", "submit", "m", "--wait")
     thread.join(10)
     assert out.exit_code == 0, out.output
-    assert "calibrating 50% (2/5)" in out.output and "calibrating half" in out.output
+    assert "calibrating 50% (3/6)" in out.output and "calibrating half" in out.output
     assert out.output.rstrip().endswith("succeeded: /models/m-NVFP4")
     job_id = out.output.split()[1].rstrip(":")
     shown = run(redis_url, "jobs", "show", job_id)
