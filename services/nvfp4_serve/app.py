@@ -17,10 +17,12 @@ from ray.serve.llm import LLMConfig, build_openai_app
 
 from nvfp4_common.checkpoint_files import check_folder
 from nvfp4_common.meminfo import read_meminfo
+from nvfp4_common.serving import SETTING_PREFIX
 from nvfp4_common.settings import Settings, get_settings
 from nvfp4_serve.checkpoint import Checkpoint, CheckpointError, inspect_checkpoint, resolve_local
 from nvfp4_serve.config import ServeArgs, load_args
 from nvfp4_serve.preflight import GIB, plan_memory
+from nvfp4_serve.ray_hooks import log_missing_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ def _preflight(args: ServeArgs, ckpt: Checkpoint | None, max_len: int) -> None:
     )
 
 
+def setting_env(name: str) -> str:
+    """The environment variable of a serving config field, e.g. NVFP4_SERVE_MAX_MODEL_LEN."""
+    return f"{Settings.model_config.get('env_prefix', '')}{SETTING_PREFIX}{name}".upper()
+
+
 def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
     """The Ray Serve LLM config for `args` (exposed for tests and the CLI)."""
     max_len = _effective_max_len(args, ckpt)
@@ -93,6 +100,10 @@ def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
     if args.accelerator == "cpu":
         # Without this Ray Serve LLM asks for GPUs and the replica never schedules.
         extra["accelerator_config"] = {"kind": "cpu"}
+        # The vLLM plugin reads it from the settings in each engine process; Serve merges
+        # these env_vars with the application's own runtime_env.
+        flag = "true" if args.cpu_weight_cache else "false"
+        extra["runtime_env"] = {"env_vars": {setting_env("cpu_weight_cache"): flag}}
     return LLMConfig(
         model_loading_config={
             "model_id": args.served_name,
@@ -120,6 +131,7 @@ def build_app(args: dict[str, Any]) -> Application:
 def build_app_with(settings: Settings, args: dict[str, Any] | None) -> Application:
     """`build_app` with explicit settings (tests, the admin CLI)."""
     serve_args = load_args(settings, args)
+    log_missing_hooks()
     try:
         local = resolve_local(serve_args.model)
         if local is not None:

@@ -53,9 +53,8 @@ class Readiness:
     async def _run(self) -> None:
         while True:
             await self._until_a_token()
-            if self._replicas is None:
+            if self._replicas is None or not await self._while_an_engine_runs():
                 return
-            await self._while_an_engine_runs()
 
     async def _until_a_token(self) -> None:
         attempt = 0
@@ -78,12 +77,22 @@ class Readiness:
                 logger.info("readiness probe %d failed: %s", attempt, self.last_error)
             await asyncio.sleep(self._retry_s)
 
-    async def _while_an_engine_runs(self) -> None:
+    async def _while_an_engine_runs(self) -> bool:
+        """Watch until no engine replica runs (True) or the count cannot work (False)."""
         assert self._replicas is not None
         while True:
             await asyncio.sleep(self._watch_s)
             try:
                 running, total = await self._replicas()
+            except AttributeError as e:
+                # A renamed Ray attribute, not a passing controller outage: retrying
+                # cannot help, and readiness would silently stop following the engines.
+                logger.error(
+                    "replica watch stopped (a Ray attribute it reads is gone: %s);"
+                    " /readyz no longer follows the engine replicas",
+                    e,
+                )
+                return False
             except Exception as e:  # the controller restarting is not the engine failing
                 logger.debug("replica count unavailable: %s", e)
                 continue
@@ -92,7 +101,7 @@ class Readiness:
                 self.lost_engines += 1
                 self.last_error = f"no engine replica running (0 of {total}); Ray is replacing it"
                 logger.warning("not ready: %s", self.last_error)
-                return
+                return True
 
     def status(self) -> tuple[int, dict[str, object]]:
         if self.ready:

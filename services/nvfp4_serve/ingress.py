@@ -2,12 +2,13 @@
 errors.
 
 Ray builds the FastAPI app with the OpenAI routes (models, completions, chat,
-streaming) and hands it to the replica wrapper through `_set_asgi_app`; we add our
-routes, the key check and the 5xx scrubbing to that app there, before its lifespan
-starts. Everything else is Ray's own code. Ray 2.60's ingress builder routes only its
-fixed endpoint map, so this hook is where extra routes can go without rebuilding the
-app. It and `_get_response` (wrapped to end a broken stream with an error) are private
-to Ray: tests/integration/test_serve.py checks both against the installed Ray.
+streaming) and hands it to the replica wrapper before its lifespan starts; we add our
+routes, the key check and the 5xx scrubbing to that app then (`add_to_app`). Ray 2.60's
+ingress builder routes only its fixed endpoint map, so that is where extra routes can go
+without rebuilding the app. The response stream is wrapped (`responses`) to resolve
+model aliases and to end a broken stream with an error. Both are private hooks of Ray,
+overridden in nvfp4_serve.ray_hooks, the one module that touches Ray's private names.
+Everything else is Ray's own code.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException
 from nvfp4_common.settings import get_settings
 from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, error_body, require_keys
 from nvfp4_serve.errors import OpenAIErrorBodies, chat_messages_problem, validation_error_body
-from nvfp4_serve.health import Readiness
+from nvfp4_serve.health import Readiness, ReplicaCount
+from nvfp4_serve.ray_hooks import IngressHooks
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> Re
     return Response(body, status_code=status, media_type="application/json")
 
 
-class NVFP4Ingress(OpenAiIngress):
+class NVFP4Ingress(IngressHooks):
     # Ray Serve awaits async constructors; one is needed to start the readiness task.
     async def __init__(  # type: ignore[misc]
         self,
@@ -90,11 +91,15 @@ class NVFP4Ingress(OpenAiIngress):
         # the route sends it to this app; answering keeps the switch free of 404s.
         self._aliases = {a: self._probe_model for a in model_aliases or () if a not in model_cards}
         self._probe_prompt = readiness_prompt
-        self.readiness = Readiness(self._generate_one_token, self._engine_replicas)
+        replicas: ReplicaCount | None = None
+        if self.engine_handles_ok:  # else ray_hooks logged why /readyz cannot follow them
+            self._engine = self.engine_handle(self._probe_model)
+            replicas = self._engine_replicas
+        self.readiness = Readiness(self._generate_one_token, replicas)
         self.readiness.start()
 
-    async def _get_response(  # type: ignore[override]
-        self, *, body: Any, call_method: str, raw_request: Request | None = None
+    async def responses(
+        self, body: Any, call_method: str, raw_request: Request | None = None
     ) -> AsyncIterator[Any]:
         """Ray's response stream for `body` (a model alias resolved first), closed with an
         OpenAI error chunk when the engine replica dies mid-stream. Without that chunk the
@@ -105,9 +110,7 @@ class NVFP4Ingress(OpenAiIngress):
             body = body.model_copy(update={"model": self._aliases[body.model]})
         started = False
         try:
-            async for response in super()._get_response(
-                body=body, call_method=call_method, raw_request=raw_request
-            ):
+            async for response in self.ray_responses(body, call_method, raw_request):
                 started = True
                 yield response
         except Exception as e:
@@ -123,7 +126,7 @@ class NVFP4Ingress(OpenAiIngress):
         body = CompletionRequest(
             model=self._probe_model, prompt=self._probe_prompt, max_tokens=1, stream=False
         )
-        async for response in self._get_response(body=body, call_method="completions"):
+        async for response in self.responses(body, "completions"):
             data = response.model_dump() if hasattr(response, "model_dump") else response
             if isinstance(data, list):  # batched stream chunks
                 data = data[0].model_dump()
@@ -137,10 +140,10 @@ class NVFP4Ingress(OpenAiIngress):
 
     async def _engine_replicas(self) -> tuple[int, int]:
         """(running, total) replicas of the probed model's engine deployment."""
-        handle = self._default_serve_handles[self._probe_model]
         # serve.status() blocks on the controller; keep it off the event loop.
         status = await asyncio.to_thread(serve.status)
-        deployment = status.applications[handle.app_name].deployments[handle.deployment_name]
+        app = status.applications[self._engine.app_name]
+        deployment = app.deployments[self._engine.deployment_name]
         states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items()}
         return states.get("RUNNING", 0), sum(states.values())
 
@@ -152,13 +155,13 @@ class NVFP4Ingress(OpenAiIngress):
 
     # The served checkpoints are text generators: Ray's ingress would forward these to
     # the engine, which fails with a 500 and a traceback. Say so instead.
-    async def embeddings(self, request: Request) -> Response:  # type: ignore[override]
+    async def embeddings(self, request: Request) -> Response:
         return self._not_served("/v1/embeddings")
 
-    async def transcriptions(self, request: Request) -> Response:  # type: ignore[override]
+    async def transcriptions(self, request: Request) -> Response:
         return self._not_served("/v1/audio/transcriptions")
 
-    async def score(self, request: Request) -> Response:  # type: ignore[override]
+    async def score(self, request: Request) -> Response:
         return self._not_served("/v1/score")
 
     def _not_served(self, route: str) -> Response:
@@ -171,7 +174,7 @@ class NVFP4Ingress(OpenAiIngress):
         code, body = self.readiness.status()
         return JSONResponse(body, status_code=code)
 
-    def _set_asgi_app(self, app: Any) -> None:
+    def add_to_app(self, app: Any) -> None:
         if isinstance(app, FastAPI):
             app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
             app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
@@ -186,4 +189,3 @@ class NVFP4Ingress(OpenAiIngress):
                 self._keys.count(),
                 "required" if self._enforce_keys else "NOT required (development)",
             )
-        super()._set_asgi_app(app)

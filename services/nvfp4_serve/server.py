@@ -15,20 +15,18 @@ The class keeps Ray's name, LLMServer, so the deployment is still called
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 from typing import Any
 
-from ray.serve.llm.deployment import LLMServer as RayLLMServer
-
+from nvfp4_serve.ray_hooks import LLMServerHooks
 from nvfp4_serve.streaming import first_chunk_now
 
 
-class LLMServer(RayLLMServer):
-    """Ray's LLMServer with `first_chunk_now` as its stream batcher.
+class LLMServer(LLMServerHooks):
+    """Ray's LLMServer with `first_chunk_now` as its stream batcher (the private hook it
+    replaces is in nvfp4_serve.ray_hooks)."""
 
-    `_batch_output_stream` is a private hook of Ray 2.60's LLMServer;
-    tests/integration/test_serve.py checks it exists in the installed Ray.
-    """
-
-    def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> Any:
-        return first_chunk_now(generator, self._get_batch_interval_ms())
+    def batch_stream(
+        self, generator: AsyncIterator[Any], interval_ms: float | None
+    ) -> AsyncIterator[list[Any]]:
+        return first_chunk_now(generator, interval_ms)

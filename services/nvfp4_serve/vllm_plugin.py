@@ -94,7 +94,8 @@ def register() -> None:
     from nvfp4_common.settings import get_settings
 
     cached, stock = _kernel_classes()
-    if get_settings().serve_cpu_weight_cache:
+    # Set by NVFP4_SERVE_CPU_WEIGHT_CACHE, or by build_app's arg through the replica's env.
+    if get_settings().serving.cpu_weight_cache:
         register_linear_kernel(cached, PlatformEnum.CPU, "nvfp4")
     # The stock kernel comes second: reached only when the first is disabled
     # (VLLM_DISABLED_KERNELS=CachedEmulationNvFp4LinearKernel) or turned off.

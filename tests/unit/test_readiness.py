@@ -4,6 +4,9 @@ async functions (the real ones are exercised in tests/reliability/test_serving_f
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from nvfp4_serve.health import Readiness
 
@@ -60,3 +63,30 @@ def test_a_controller_error_does_not_flip_readiness() -> None:
 
     r = asyncio.run(scenario())
     assert r.status()[0] == 200
+
+
+def test_a_renamed_ray_attribute_stops_the_watch_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    """An AttributeError is a Ray upgrade, not a passing controller outage: one error line,
+    not a debug line every 2 s, and readiness keeps its last verdict."""
+    calls = 0
+
+    async def scenario() -> Readiness:
+        async def probe() -> str:
+            return "hi"
+
+        async def replicas() -> tuple[int, int]:
+            nonlocal calls
+            calls += 1
+            raise AttributeError("'DeploymentStatus' object has no attribute 'replica_states'")
+
+        r = Readiness(probe, replicas, watch_s=0.01)
+        r.start()
+        await asyncio.sleep(0.2)
+        return r
+
+    with caplog.at_level(logging.DEBUG, logger="nvfp4_serve.health"):
+        r = asyncio.run(scenario())
+    assert r.status()[0] == 200
+    assert calls == 1
+    errors = [x for x in caplog.records if x.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "replica_states" in errors[0].getMessage()
