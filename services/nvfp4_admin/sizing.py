@@ -28,6 +28,8 @@ from nvfp4_common.sizing import kv_bytes_per_token as _kv_bytes_per_token
 # Families whose config omits tie_word_embeddings because their default is to tie.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "phi"}
 _QK_NORM = {"qwen3", "qwen3_moe", "olmo2", "gemma3", "gemma3_text"}
+# Families with q/k/v biases whether or not their config says so.
+_QKV_BIAS = {"qwen2", "qwen2_moe"}
 # The estimate's machine is a DGX Spark: the GPU computes in BF16 out of host memory.
 ESTIMATE_COMPUTE_DTYPE = "bfloat16"
 
@@ -78,7 +80,8 @@ class Shape:
             kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             tied=bool(tied) if tied is not None else model_type in _TIED_BY_DEFAULT,
-            attention_bias=bool(cfg.get("attention_bias")) or model_type == "qwen2",
+            attention_bias=bool(cfg.get("attention_bias") or cfg.get("qkv_bias"))
+            or model_type in _QKV_BIAS,
             experts=experts,
             moe_intermediate=int(cfg.get("moe_intermediate_size") or 0) if experts else 0,
             shared_intermediate=int(cfg.get("shared_expert_intermediate_size") or 0),
