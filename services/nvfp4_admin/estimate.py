@@ -131,8 +131,7 @@ def estimate(
     verdict = "fits" if fit.quantize_fits else "DOES NOT FIT"
     click.echo(
         f"  quantize: peak ~{fit.quantize_peak_gib:.1f} GiB"
-        f" (BF16 weights + half their size for export and calibration + 2 GiB runtime,"
-        f" the worker's own check) -> {verdict}"
+        f" (BF16 model x 1.5 + 2 GiB, the worker's memory check) -> {verdict}"
     )
     click.echo(
         f"  serve: weights {fit.weights_gib:.1f} GiB; gpu_memory_utilization"

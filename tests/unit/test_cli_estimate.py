@@ -118,3 +118,12 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     cfg.write_text("{not json")
     out = CliRunner().invoke(cli, ["estimate", str(cfg)])
     assert out.exit_code == 1 and out.output.startswith("Error: cannot read")
+
+
+def test_only_nvfp4_fp8kv_has_an_fp8_kv_cache() -> None:
+    # FP8_DEFAULT_CFG quantizes weights and activations only: vLLM keeps a BF16 KV cache.
+    shape = Shape.from_config(QWEN3_32B)
+    sizes = checkpoint_sizes(shape)
+    fp8 = memory_fit(shape, sizes, "fp8", memory_gib=64, reserve_gib=4)
+    budget = 0.9 * 64 - fp8.weights_gib - (2 + 0.05 * fp8.weights_gib)
+    assert fp8.kv_tokens == int(budget * GIB // kv_bytes_per_token(shape, 2))
