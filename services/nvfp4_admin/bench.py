@@ -158,10 +158,7 @@ def _measure(
     max_tokens: int,
     timeout_s: float,
 ) -> dict[str, Any]:
-    try:
-        names = served_models(url, api_key)
-    except RuntimeError as e:
-        raise click.ClickException(str(e)) from None
+    names = served_models(url, api_key)
     if model is None:
         if not names:
             raise click.ClickException(f"{url} serves no model")
@@ -171,7 +168,7 @@ def _measure(
             f"{url} does not serve {model!r} (it serves: {', '.join(names)})"
         )
     if metrics_url:
-        _read_metrics(metrics_url)  # a wrong URL fails now, not after minutes of load
+        engine_metrics.fetch(metrics_url)  # a wrong URL fails now, not after minutes of load
     gen = LoadGenerator(url, model, api_key, prompt_words, max_tokens, timeout_s)
     stats = gen.run(levels)
     metrics: dict[str, Any] = {}
@@ -198,13 +195,6 @@ def _measure(
         "metrics": metrics,
         "levels": [s.summary() for s in stats],
     }
-
-
-def _read_metrics(url: str) -> str:
-    try:
-        return engine_metrics.fetch(url)
-    except engine_metrics.MetricsError as e:
-        raise click.ClickException(str(e)) from None
 
 
 def checkpoint_bytes(folder: Path) -> int:

@@ -27,8 +27,13 @@ ENVVAR_PREFIX = "NVFP4CTL"
 
 
 class RootGroup(click.Group):
-    """Turns errors a user can fix (unreachable Redis or Ray, unknown job, bad arguments)
-    into one line on stderr."""
+    """The one place that turns errors a user can fix into one line on stderr.
+
+    Commands raise; they do not wrap. Any `Nvfp4Error` (unknown job, bad Serve config,
+    failed rollout...) and the foreign errors `describe_error` knows (unreachable Redis or
+    server) become `click.ClickException` here; usage errors keep Click's exit code 2.
+    Anything else is a bug and keeps its traceback.
+    """
 
     def main(
         self,

@@ -15,6 +15,7 @@ import click
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from nvfp4_common.errors import InvalidSettings, Nvfp4Error
 from nvfp4_common.settings import Settings, describe_invalid, mask_url
 
 if TYPE_CHECKING:
@@ -77,9 +78,9 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     try:
         return Settings(_env_file=config if config else ".env", **overrides)
     except ValidationError as e:
-        raise click.ClickException(f"invalid settings: {describe_invalid(e)}") from None
+        raise InvalidSettings(f"invalid settings: {describe_invalid(e)}") from None
     except SettingsError as e:  # an NVFP4_* list/dict variable that is not JSON
-        raise click.ClickException(f"invalid settings: {e}") from None
+        raise InvalidSettings(f"invalid settings: {e}") from None
 
 
 def json_option(func: F) -> F:
@@ -90,12 +91,16 @@ def json_option(func: F) -> F:
 
 
 def describe_error(e: BaseException, settings: Settings | None) -> str | None:
-    """One line for errors a user can cause or fix; None for bugs (they keep a traceback)."""
+    """One line for errors a user can cause or fix; None for bugs (they keep a traceback).
+
+    Our own errors (`Nvfp4Error`) already say what to do; the rest are the few foreign
+    errors a user causes: an unreachable or password-protected Redis, an unreachable
+    server, arguments that are not UTF-8.
+    """
+    if isinstance(e, Nvfp4Error):
+        return str(e)
     import httpx
     import redis
-
-    from nvfp4_admin.ray_client import RayApiError
-    from nvfp4_common.queue import CorruptJob, InvalidTransition, JobNotFound
 
     redis_url = mask_url(settings.redis_url) if settings else "Redis"
     # AuthenticationError is a ConnectionError in redis-py: check it first.
@@ -106,8 +111,6 @@ def describe_error(e: BaseException, settings: Settings | None) -> str | None:
         return f"Redis at {redis_url} refused the password: {e} (check NVFP4_REDIS_URL)"
     if isinstance(e, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return f"cannot reach Redis at {redis_url}: {e}"
-    if isinstance(e, JobNotFound | InvalidTransition | CorruptJob | RayApiError):
-        return str(e)
     if isinstance(e, UnicodeEncodeError):  # argv bytes that are not UTF-8 reach Redis keys
         bad = e.object[e.start : e.end]
         return f"an argument is not UTF-8 text (it holds {bad!r}); check the terminal's encoding"

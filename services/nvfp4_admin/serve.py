@@ -11,8 +11,8 @@ from nvfp4_admin import serve_config as sc
 from nvfp4_admin.context import AppContext, json_option, pass_app
 from nvfp4_admin.output import emit_json, table
 from nvfp4_admin.ray_client import RayApiError
-from nvfp4_admin.rollout import Rollout, RolloutError, RolloutOptions
-from nvfp4_common.checkpoint_files import CheckpointError, check_folder
+from nvfp4_admin.rollout import Rollout, RolloutOptions
+from nvfp4_common.checkpoint_files import check_folder
 from nvfp4_common.jobs import JobState
 
 
@@ -127,15 +127,12 @@ def deploy(
         model_path = job.result.output_path
     assert model_path is not None
     _refuse_damaged(model_path, args)
-    try:
-        extra = sc.parse_args(args)
-        if served_model_name:
-            extra[sc.SERVED_NAME_ARG] = served_model_name
-        details = app.ray.serve_details()
-        live = sc.apps_on_route(details, s.serve_route_prefix)
-        template = sc.app_of(sc.current_body(details), live[0]) if live else None
-    except sc.ServeConfigError as e:
-        raise click.ClickException(str(e)) from None
+    extra = sc.parse_args(args)
+    if served_model_name:
+        extra[sc.SERVED_NAME_ARG] = served_model_name
+    details = app.ray.serve_details()
+    live = sc.apps_on_route(details, s.serve_route_prefix)
+    template = sc.app_of(sc.current_body(details), live[0]) if live else None
     new_app = sc.app_config(
         sc.new_app_name(s.serve_app_name),
         s.serve_route_prefix,
@@ -146,10 +143,7 @@ def deploy(
     )
     rollout = _rollout(app, ready_path, timeout_s)
     run = rollout.blue_green if strategy == "blue-green" else rollout.replace
-    try:
-        run(new_app, on_switched=app.serve_history.push)
-    except (RolloutError, sc.ServeConfigError) as e:
-        raise click.ClickException(str(e)) from None
+    run(new_app, on_switched=app.serve_history.push)
     click.echo(f"serving {model_path} on {s.serve_url}{s.serve_route_prefix}")
 
 
@@ -177,10 +171,7 @@ def rollback(app: AppContext, ready_path: str, timeout_s: float | None) -> None:
         raise click.ClickException("the remembered config served nothing on the main route")
     old = dict(routed[0])
     old["name"] = sc.new_app_name(app.settings.serve_app_name)
-    try:
-        _rollout(app, ready_path, timeout_s).blue_green(old, on_switched=lambda _b: None)
-    except (RolloutError, sc.ServeConfigError) as e:
-        raise click.ClickException(str(e)) from None
+    _rollout(app, ready_path, timeout_s).blue_green(old, on_switched=lambda _b: None)
     app.serve_history.pop()
     click.echo(f"rolled back to {(old.get('args') or {}).get(sc.MODEL_ARG, old['name'])}")
 
@@ -221,12 +212,9 @@ def scale(
     dep = deployment or _pick_deployment(name, deps)
     if dep not in deps:
         raise click.ClickException(f"{name} has no deployment {dep!r} (it has: {', '.join(deps)})")
-    try:
-        body = sc.current_body(details)
-        new = sc.scaled_app(sc.app_of(body, name), dep, replicas, min_replicas, max_replicas)
-        app.ray.deploy(sc.replace_apps(body, remove=[], add=[new]))
-    except sc.ServeConfigError as e:
-        raise click.ClickException(str(e)) from None
+    body = sc.current_body(details)
+    new = sc.scaled_app(sc.app_of(body, name), dep, replicas, min_replicas, max_replicas)
+    app.ray.deploy(sc.replace_apps(body, remove=[], add=[new]))
     what = f"{replicas} replica(s)" if replicas else f"autoscaling {min_replicas}..{max_replicas}"
     click.echo(f"{name}/{dep}: {what} requested (see `nvfp4ctl serve status`)")
 
@@ -307,12 +295,9 @@ def _refuse_damaged(model_path: str, args: tuple[str, ...]) -> None:
     folder = Path(model_path)
     if not folder.is_dir():
         return
-    try:
-        engine = sc.parse_args(args).get("engine_kwargs")
-        own_tokenizer = isinstance(engine, dict) and bool(engine.get("tokenizer"))
-        check_folder(folder, tokenizer=not own_tokenizer)
-    except (CheckpointError, sc.ServeConfigError) as e:
-        raise click.ClickException(str(e)) from None
+    engine = sc.parse_args(args).get("engine_kwargs")
+    own_tokenizer = isinstance(engine, dict) and bool(engine.get("tokenizer"))
+    check_folder(folder, tokenizer=not own_tokenizer)
 
 
 def _rollout(app: AppContext, ready_path: str, timeout_s: float | None) -> Rollout:

@@ -6,7 +6,7 @@ import click
 
 from nvfp4_admin.context import AppContext, json_option, pass_app
 from nvfp4_admin.output import emit_json, human_age, table
-from nvfp4_admin.scaler import ScaleError, scale_compose, scale_kubernetes, worker_deployment_name
+from nvfp4_admin.scaler import scale_compose, scale_kubernetes, worker_deployment_name
 
 
 @click.group()
@@ -74,14 +74,11 @@ def scale(
     Workers being removed get SIGTERM and re-queue the job they were running.
     """
     s = app.settings
-    try:
-        if (mode or s.workers_mode) == "kubernetes":
-            name = deployment or worker_deployment_name(s.helm_release)
-            result = scale_kubernetes(s.k8s_namespace, name, replicas)
-        else:
-            result = scale_compose(
-                s.compose_project, s.worker_service, replicas, stop_timeout, s.compose_max_workers
-            )
-    except ScaleError as e:
-        raise click.ClickException(str(e)) from None
+    if (mode or s.workers_mode) == "kubernetes":
+        name = deployment or worker_deployment_name(s.helm_release)
+        result = scale_kubernetes(s.k8s_namespace, name, replicas)
+    else:
+        result = scale_compose(
+            s.compose_project, s.worker_service, replicas, stop_timeout, s.compose_max_workers
+        )
     click.echo(f"{result.target}: {result.before} -> {result.after} worker(s)")
