@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "services"))  # run as a script, also where nothing is installed
+
+from nvfp4_common.sizing import kv_bytes_per_token  # noqa: E402
+
 # CUDA graphs only for the batch sizes measured (and a few between): capturing vLLM's
 # default ~67 sizes costs start-up time and changes nothing here.
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64]
@@ -116,15 +120,16 @@ def safetensors_bytes(folder: Path) -> dict[str, int]:
     return {"tensor_bytes": total, "embedding_bytes": embed, "read_per_step_bytes": total - embed}
 
 
-def kv_bytes_per_token(folder: Path) -> int:
+def checkpoint_kv_bytes_per_token(folder: Path) -> int:
+    """KV cache bytes per token of a checkpoint's BF16 cache (nvfp4_common.sizing's rule)."""
     cfg = json.loads((folder / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2  # K+V, bf16
+    return kv_bytes_per_token(cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim, 2)
 
 
 def bounds(row: dict[str, Any], folder: Path, bw: float, args: argparse.Namespace) -> None:
     weights = row["bytes"]["read_per_step_bytes"]
-    kv = kv_bytes_per_token(folder)
+    kv = checkpoint_kv_bytes_per_token(folder)
     avg_ctx = args.prompt_len + args.tokens / 2  # mean context over the decode
     for key in ("b1", "b32"):
         m = row.get(key)

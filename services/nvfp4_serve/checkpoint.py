@@ -17,6 +17,7 @@ from nvfp4_common.checkpoint_files import (
     quant_section,
     read_json_object,
 )
+from nvfp4_common.sizing import kv_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _kv_bytes_per_token(config: dict, kv_quant_algo: str | None) -> int:
     kv_heads = int(text.get("num_key_value_heads") or heads)
     head_dim = int(text.get("head_dim") or text.get("hidden_size", 0) // max(heads, 1))
     elem = 1 if kv_quant_algo == "FP8" else 2  # FP8 KV cache vs BF16/FP16
-    return 2 * layers * kv_heads * head_dim * elem  # K and V
+    return kv_bytes_per_token(layers, kv_heads, head_dim, elem)
 
 
 def inspect_checkpoint(path: Path) -> Checkpoint:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gpu_vllm
 import pytest
 
+from nvfp4_admin.sizing import Shape
 from nvfp4_common.meminfo import parse_meminfo
 from nvfp4_common.settings import Settings
 from nvfp4_serve.checkpoint import CheckpointError, inspect_checkpoint
@@ -157,6 +159,15 @@ def test_fp8_kv_cache_halves_kv_bytes(tmp_path: Path) -> None:
     ckpt = inspect_checkpoint(write_checkpoint(tmp_path / "m", "FP8", kv_algo="FP8"))
     assert ckpt.vllm_quantization == "modelopt"
     assert ckpt.kv_bytes_per_token == 2 * 4 * 2 * 64
+
+
+def test_kv_bytes_agree_with_estimate_and_bench(tmp_path: Path) -> None:
+    # One rule (nvfp4_common.sizing.kv_bytes_per_token) behind serving's preflight,
+    # `nvfp4ctl estimate` and bench/gpu_vllm.py's bandwidth bound.
+    folder = write_checkpoint(tmp_path / "m", "NVFP4")
+    shape = Shape.from_config({**json.loads((folder / "config.json").read_text()), "vocab_size": 1})
+    served = inspect_checkpoint(folder).kv_bytes_per_token
+    assert served == shape.kv_bytes_per_token(2) == gpu_vllm.checkpoint_kv_bytes_per_token(folder)
 
 
 def test_unquantized_checkpoint_has_no_quantization(tmp_path: Path) -> None:
