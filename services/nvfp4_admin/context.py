@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
 
-from nvfp4_common.errors import InvalidSettings, Nvfp4Error
-from nvfp4_common.settings import Settings, describe_invalid, mask_url
+from nvfp4_common.errors import Nvfp4Error
+from nvfp4_common.settings import Settings, build_settings, mask_url
 
 if TYPE_CHECKING:
     from nvfp4_admin.ray_client import RayClient
@@ -75,12 +73,7 @@ def load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     Built directly rather than through the cached get_settings(): each invocation may pass
     different overrides, and a cached object would leak them between invocations.
     """
-    try:
-        return Settings(_env_file=config if config else ".env", **overrides)
-    except ValidationError as e:
-        raise InvalidSettings(f"invalid settings: {describe_invalid(e)}") from None
-    except SettingsError as e:  # an NVFP4_* list/dict variable that is not JSON
-        raise InvalidSettings(f"invalid settings: {e}") from None
+    return build_settings(_env_file=config if config else ".env", **overrides)
 
 
 def json_option(func: F) -> F:

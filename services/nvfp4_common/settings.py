@@ -22,8 +22,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from nvfp4_common.errors import InvalidSettings
 from nvfp4_common.serving import ServingConfig, config_from_settings, settings_fields
 
 DEV_REDIS_URL = "redis://localhost:6379/0"
@@ -225,14 +226,25 @@ def describe_invalid(e: ValidationError) -> str:
     )
 
 
-@lru_cache
-def get_settings(**overrides: Any) -> Settings:
-    """The process-wide settings, built on first use.
+def build_settings(**kwargs: Any) -> Settings:
+    """Settings from NVFP4_* variables (and `_env_file`, if given) with `kwargs` on top.
 
     Raises:
-        ValueError: invalid settings, in one line that shows no secret.
+        InvalidSettings: "invalid settings: ..." in one line that shows no secret.
     """
     try:
-        return Settings(**overrides)
+        return Settings(**kwargs)
     except ValidationError as e:
-        raise ValueError(describe_invalid(e)) from None
+        raise InvalidSettings(f"invalid settings: {describe_invalid(e)}") from None
+    except SettingsError as e:  # an NVFP4_* list/dict variable that is not JSON
+        raise InvalidSettings(f"invalid settings: {e}") from None
+
+
+@lru_cache
+def get_settings(**overrides: Any) -> Settings:
+    """The process-wide settings, built on first use (see build_settings).
+
+    Raises:
+        InvalidSettings: invalid settings, in one line that shows no secret.
+    """
+    return build_settings(**overrides)

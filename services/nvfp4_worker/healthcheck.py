@@ -14,6 +14,7 @@ import sys
 
 import redis
 
+from nvfp4_common.errors import InvalidSettings
 from nvfp4_common.queue import JobQueue
 from nvfp4_common.settings import Settings, get_settings
 
@@ -40,8 +41,8 @@ def check(settings: Settings, host: str | None = None) -> str | None:
 def main() -> int:
     try:
         settings = get_settings()
-    except ValueError as e:
-        print(f"unhealthy: invalid settings: {e}", file=sys.stderr)
+    except InvalidSettings as e:
+        print(f"unhealthy: {e}", file=sys.stderr)
         return 1
     problem = check(settings)
     if problem:

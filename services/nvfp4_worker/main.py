@@ -218,6 +218,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from nvfp4_common.errors import InvalidSettings
     from nvfp4_common.settings import get_settings
 
     parser = argparse.ArgumentParser(prog="python -m nvfp4_worker", description=__doc__)
@@ -228,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         settings = get_settings()
-    except ValueError as e:
-        print(f"error: invalid settings: {e}", file=sys.stderr)
+    except InvalidSettings as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(settings)

@@ -24,7 +24,7 @@ from nvfp4_common.errors import (
     JobNotFound,
     Nvfp4Error,
 )
-from nvfp4_common.settings import Settings
+from nvfp4_common.settings import Settings, get_settings
 from nvfp4_worker.errors import JobError
 
 # Each keeps the built-in base its callers catch (estimate catches ValueError, tests of the
@@ -92,3 +92,10 @@ def test_invalid_settings_are_one_line_naming_the_setting() -> None:
     assert out.exit_code == 1
     assert out.output.startswith("Error: invalid settings: redis_url: must start with redis://")
     assert len(out.output.splitlines()) == 1
+
+
+def test_services_get_the_same_invalid_settings() -> None:
+    # What the worker, its health check and serving read: the CLI's error, not a bare
+    # ValueError. A fresh call: get_settings caches per set of overrides.
+    with pytest.raises(InvalidSettings, match="^invalid settings: redis_url: must start with"):
+        get_settings(redis_url="ftp://somewhere")
