@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import click
 
 from nvfp4_admin.context import json_option
 from nvfp4_admin.output import emit_json, human_bytes, table
-from nvfp4_admin.sizing import ConfigError, Shape, checkpoint_sizes, memory_fit
+from nvfp4_admin.sizing import checkpoint_sizes, memory_fit, read_config
 from nvfp4_common.jobs import QuantFormat
 from nvfp4_common.sizing import GIB, gib
 
@@ -58,14 +57,7 @@ def estimate(
     lm_head, norms, MoE routers and --exclude'd modules stay BF16; NVFP4 stores 4.5 bits
     per weight (a 4-bit value plus one FP8 scale per 16 values).
     """
-    config_path = model / "config.json" if model.is_dir() else model
-    try:
-        config = json.loads(config_path.read_text())
-        shape = Shape.from_config(config)
-    except FileNotFoundError:
-        raise click.ClickException(f"{config_path} does not exist") from None
-    except (ValueError, TypeError, ConfigError) as e:
-        raise click.ClickException(f"cannot read {config_path}: {e}") from None
+    config, shape = read_config(model / "config.json" if model.is_dir() else model)
     sizes = checkpoint_sizes(shape, exclude)
     # Options take GB as machines are sold; every size below is in GiB.
     memory_gib, reserve_gib = memory_gb * 1e9 / GIB, reserve_gb * 1e9 / GIB

@@ -10,9 +10,11 @@ job's peak come from the same functions the worker applies to real safetensors h
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nvfp4_common.errors import Nvfp4Error
@@ -36,6 +38,24 @@ ESTIMATE_COMPUTE_DTYPE = "bfloat16"
 
 class ConfigError(Nvfp4Error, ValueError):
     """The config lacks what a size estimate needs."""
+
+
+def read_config(path: Path) -> tuple[dict[str, Any], Shape]:
+    """A config.json and the shape it describes.
+
+    Raises:
+        ConfigError: the file is missing, not a JSON object, or lacks a size; the message
+            names the file.
+    """
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ConfigError(f"a JSON object was expected, not {type(config).__name__}")
+        return config, Shape.from_config(config)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except (OSError, ValueError, TypeError) as e:  # ConfigError is a ValueError
+        raise ConfigError(f"cannot read {path}: {e}") from None
 
 
 @dataclass(frozen=True)

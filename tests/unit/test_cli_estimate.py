@@ -118,6 +118,12 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     cfg.write_text("{not json")
     out = CliRunner().invoke(cli, ["estimate", str(cfg)])
     assert out.exit_code == 1 and out.output.startswith("Error: cannot read")
+    cfg.write_text("[1]")
+    out = CliRunner().invoke(cli, ["estimate", str(cfg)])
+    assert out.output == f"Error: cannot read {cfg}: a JSON object was expected, not list\n"
+    (tmp_path / "empty").mkdir()
+    out = CliRunner().invoke(cli, ["estimate", str(tmp_path / "empty")])
+    assert out.exit_code == 1 and out.output.endswith("config.json does not exist\n")
 
 
 def test_only_nvfp4_fp8kv_has_an_fp8_kv_cache() -> None:
