@@ -2,8 +2,11 @@
 
 Types come from the default values, descriptions from their `# --` comments (helm-docs
 style), and the constraints a default cannot show (bounds, enums, patterns) from the rules
-below. Every object is closed (`additionalProperties: false`), so a misspelt key fails
-`helm install` instead of being ignored.
+below. The bounds of the serving values (maxModelLen, gpuMemoryUtilization, autoscaling...)
+come from the fields of the same name in nvfp4_common.serving, which build_app validates
+with, so the chart refuses what the app would. Every object is closed
+(`additionalProperties: false`), so a misspelt key fails `helm install` instead of being
+ignored.
 
     .venv/bin/python helm/values_schema.py          # rewrite the schema
     .venv/bin/python helm/values_schema.py --check  # exit 1 when it is out of date
@@ -19,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 # build_app owns these engine args; repeating them in engine_kwargs is refused by the app
 # as well (nvfp4_common.serving.ServingConfig).
-from nvfp4_common.serving import OWNED_ENGINE_ARGS
+from nvfp4_common.serving import OWNED_ENGINE_ARGS, AutoscalingConfig, ServingConfig
 
 CHART = Path(__file__).resolve().parent / "nvfp4-stack"
 VALUES = CHART / "values.yaml"
@@ -122,12 +128,6 @@ BY_PATH: dict[str, Schema] = {
         "pattern": "^[^/]",
         "not": {"pattern": r"(^|/)\.\.(/|$)"},
     },
-    "serve.maxModelLen": minimum(1),
-    "serve.gpuMemoryUtilization": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "serve.tensorParallelSize": minimum(1),
-    "serve.autoscaling.minReplicas": minimum(0),
-    "serve.autoscaling.maxReplicas": minimum(1),
-    "serve.autoscaling.targetOngoingRequests": minimum(1),
     "serve.engineKwargs": {
         "type": "object",
         "not": {"anyOf": [{"required": [name]} for name in OWNED_ENGINE_ARGS]},
@@ -178,6 +178,43 @@ BY_PATH: dict[str, Schema] = {
     "podDisruptionBudget.rayWorkerMaxUnavailable": minimum(0),
 }
 _TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"))
+# Chart values that are serving-config fields: the parent of the key -> the model whose
+# field of the same name (camelCase -> snake_case) gives the bounds.
+SERVING_MODELS: dict[str, type[BaseModel]] = {
+    "serve": ServingConfig,
+    "serve.autoscaling": AutoscalingConfig,
+}
+
+
+def field_bounds(info: FieldInfo) -> Schema | None:
+    """A numeric field's type and bounds (Field(gt=, ge=, lt=, le=)); None without bounds."""
+    kind = next((k for py, k in _TYPES if info.annotation is py), None)
+    if kind not in ("integer", "number"):
+        return None
+    out: Schema = {"type": kind}
+    for bound in info.metadata:
+        # An integer above n is at least n + 1: the form the other rules use.
+        if isinstance(bound, Ge):
+            out["minimum"] = bound.ge
+        elif isinstance(bound, Gt):
+            out.update(
+                {"minimum": bound.gt + 1} if kind == "integer" else {"exclusiveMinimum": bound.gt}
+            )
+        elif isinstance(bound, Le):
+            out["maximum"] = bound.le
+        elif isinstance(bound, Lt):
+            out.update(
+                {"maximum": bound.lt - 1} if kind == "integer" else {"exclusiveMaximum": bound.lt}
+            )
+    return out if len(out) > 1 else None
+
+
+def serving_rule(path: str) -> Schema | None:
+    """The bounds of a serving value from its ServingConfig (or AutoscalingConfig) field."""
+    parent, _, key = path.rpartition(".")
+    model = SERVING_MODELS.get(parent)
+    info = model.model_fields.get(re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()) if model else None
+    return field_bounds(info) if info else None
 
 
 def describe(path: Path) -> dict[str, str]:
@@ -202,7 +239,7 @@ def describe(path: Path) -> dict[str, str]:
 
 def schema_of(value: Any, path: str, descriptions: dict[str, str]) -> Schema:
     name = path.rsplit(".", 1)[-1]
-    rule = BY_PATH.get(path) or BY_NAME.get(name)
+    rule = BY_PATH.get(path) or serving_rule(path) or BY_NAME.get(name)
     if rule is not None:
         out = copy.deepcopy(rule)
     elif isinstance(value, dict):

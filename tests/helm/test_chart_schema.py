@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from nvfp4_common.serving import AutoscalingConfig, ServingConfig
 
 from .chart import ROOT, Chart, nested
 
@@ -80,3 +85,44 @@ def test_the_schema_is_generated_from_values_yaml() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def _within(schema: dict[str, Any], value: float) -> bool:
+    return (
+        value >= schema.get("minimum", -math.inf)
+        and value > schema.get("exclusiveMinimum", -math.inf)
+        and value <= schema.get("maximum", math.inf)
+        and value < schema.get("exclusiveMaximum", math.inf)
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "model", "field"),
+    [
+        ("maxModelLen", ServingConfig, "max_model_len"),
+        ("gpuMemoryUtilization", ServingConfig, "gpu_memory_utilization"),
+        ("tensorParallelSize", ServingConfig, "tensor_parallel_size"),
+        ("autoscaling.minReplicas", AutoscalingConfig, "min_replicas"),
+        ("autoscaling.maxReplicas", AutoscalingConfig, "max_replicas"),
+        ("autoscaling.targetOngoingRequests", AutoscalingConfig, "target_ongoing_requests"),
+    ],
+)
+def test_serve_bounds_are_those_of_the_serving_config(
+    key: str, model: type[BaseModel], field: str
+) -> None:
+    # The chart refuses what build_app's serving config refuses, and no more.
+    schema = json.loads((ROOT / "helm" / "nvfp4-stack" / "values.schema.json").read_text())
+    rule = schema["properties"]["serve"]
+    for part in key.split("."):
+        rule = rule["properties"][part]
+    info = model.model_fields[field]
+    check = TypeAdapter(Annotated[info.annotation, *info.metadata])
+    for value in (-1, 0, 0.5, 1, 1.5, 2, 4096):
+        if rule["type"] == "integer" and value != int(value):
+            continue
+        try:
+            check.validate_python(value)
+            valid = True
+        except ValidationError:
+            valid = False
+        assert _within(rule, value) == valid, (key, value)
