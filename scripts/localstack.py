@@ -28,6 +28,10 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # bench/devkit, shared with the tests and the demo
+
+from devkit import processes  # noqa: E402
+
 RUN = ROOT / ".run"
 STATE = RUN / "stack.json"
 MARKER = "NVFP4_LOCALSTACK_ID"
@@ -131,14 +135,7 @@ def marker() -> str | None:
 
 def marked_pids(marker: str) -> list[int]:
     """Processes carrying the stack's marker: what `down` must leave none of."""
-    needle = f"{MARKER}={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-    return found
+    return processes.marked_pids(MARKER, marker)
 
 
 def down() -> None:
@@ -157,14 +154,7 @@ def down() -> None:
             if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
                 break
             time.sleep(0.2)
-    for _ in range(3):  # Ray and vLLM processes that left the group
-        pids = marked_pids(state["marker"])
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(1)
+    processes.kill_marked(MARKER, state["marker"])  # Ray and vLLM processes that left the group
     shutil.rmtree(f"/tmp/nvfp4-ray-{state['marker']}", ignore_errors=True)
     STATE.unlink()
     print("local stack stopped")

@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from .processes import kill_marked
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_VENV = ROOT / ".venv-serve"
 SERVE_PYTHON = SERVE_VENV / "bin" / "python"
@@ -38,21 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """PIDs whose environment holds our marker (only processes this cluster started)."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 @dataclass
@@ -290,14 +277,7 @@ class ServeCluster:
         if self._head is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._head.pid, signal.SIGKILL)
-        for _ in range(3):
-            pids = _marked_pids(self.marker)
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(1)
+        kill_marked(MARKER, self.marker)
         if self._log is not None:
             self._log.close()
 
