@@ -59,14 +59,19 @@ class Rollout:
         self.opts = options
         self.say = say
 
+    def _current(self, new_app: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+        """The Serve config now, the apps on the main route, and `new_app` answering to
+        their model names too (clients keep the names they know)."""
+        details = self.ray.serve_details()
+        before = sc.current_body(details)
+        live = sc.apps_on_route(details, self.opts.route_prefix)
+        return before, live, sc.with_aliases(new_app, [sc.app_of(before, n) for n in live])
+
     def blue_green(
         self, new_app: dict[str, Any], on_switched: Callable[[dict[str, Any]], None]
     ) -> None:
         """Stage `new_app`, wait until it is ready, then move the main route to it."""
-        details = self.ray.serve_details()
-        before = sc.current_body(details)
-        live = sc.apps_on_route(details, self.opts.route_prefix)
-        new_app = sc.with_aliases(new_app, [sc.app_of(before, n) for n in live])
+        before, live, new_app = self._current(new_app)
         name = new_app["name"]
         staged = {**new_app, "route_prefix": sc.staging_route(name)}
         stage_body = sc.replace_apps(before, remove=[], add=[staged])
@@ -100,10 +105,7 @@ class Rollout:
         self, new_app: dict[str, Any], on_switched: Callable[[dict[str, Any]], None]
     ) -> None:
         """Swap the model of the live application in place (downtime while it loads)."""
-        details = self.ray.serve_details()
-        before = sc.current_body(details)
-        live = sc.apps_on_route(details, self.opts.route_prefix)
-        new_app = sc.with_aliases(new_app, [sc.app_of(before, n) for n in live])
+        before, live, new_app = self._current(new_app)
         target = {**new_app, "route_prefix": self.opts.route_prefix}
         if live:
             target["name"] = live[0]
