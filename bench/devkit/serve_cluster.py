@@ -294,32 +294,11 @@ def make_test_models(directory: Path) -> tuple[Path, Path]:
 
     Runs in the test interpreter (.venv: torch + ModelOpt), not in .venv-serve.
     """
-    from nvfp4_common.jobs import JobSpec, QuantFormat
-    from nvfp4_common.settings import Settings
-    from nvfp4_worker.pipeline import run
-    from nvfp4_worker.reporter import PrintReporter
-
-    from .models import make_tiny_qwen3
+    from .models import make_tiny_qwen3, quantize_nvfp4
     from .text import write_text_file
 
     sources = directory / "sources"
     bf16 = make_tiny_qwen3(sources / "tiny-qwen3-bf16")
     (bf16 / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     calib = write_text_file(sources / "calib.txt", max_chars=60_000)
-    settings = Settings(
-        models_dir=directory / "published",
-        model_roots=[sources],
-        device="cpu",
-        _env_file=None,  # type: ignore[call-arg]
-    )
-    spec = JobSpec(
-        model=str(bf16),
-        format=QuantFormat.NVFP4,
-        calib_dataset=str(calib),
-        calib_samples=8,
-        calib_seq_len=128,
-        eval_samples=0,
-        output_name="tiny-qwen3-nvfp4",
-    )
-    result = run(spec, settings, PrintReporter(), job_id="serve-fixture")
-    return bf16, Path(result.output_path)
+    return bf16, quantize_nvfp4(bf16, calib, directory / "published", "tiny-qwen3-nvfp4")

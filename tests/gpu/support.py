@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from devkit.models import quantize_nvfp4
+
 torch = pytest.importorskip("torch")
 
 SMALL_SHAPE: dict[str, Any] = {
@@ -32,28 +34,9 @@ needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="
 
 def quantize(source: Path, calib: Path, models_dir: Path, device: str, name: str) -> Path:
     """The worker's pipeline, exactly as a job runs it."""
-    from nvfp4_common.jobs import JobSpec, QuantFormat
-    from nvfp4_common.settings import Settings
-    from nvfp4_worker.pipeline import run
-    from nvfp4_worker.reporter import PrintReporter
-
-    settings = Settings(
-        models_dir=models_dir,
-        model_roots=[source.parent],
-        device=device,
-        hf_offline=True,
-        _env_file=None,  # type: ignore[call-arg]
+    return quantize_nvfp4(
+        source, calib, models_dir, name, device=device, calib_seq_len=256, eval_samples=2
     )
-    spec = JobSpec(
-        model=str(source),
-        format=QuantFormat.NVFP4,
-        calib_dataset=str(calib),
-        calib_samples=8,
-        calib_seq_len=256,
-        eval_samples=2,
-        output_name=name,
-    )
-    return Path(run(spec, settings, PrintReporter(), job_id=f"gpu-test-{name}").output_path)
 
 
 def report(checkpoint: Path) -> dict[str, Any]:
