@@ -89,10 +89,11 @@ SERVE_IMAGE   ?= nvfp4-serve:latest
 WORKER_IMAGE  ?= nvfp4-worker:latest
 ADMIN_IMAGE   ?= nvfp4-admin:latest
 # Base images and pins of `make images` (the Dockerfiles carry the same defaults).
-# Ray and vLLM must be paired: change RAY_VERSION only with the vLLM images.
+# Ray and vLLM must be paired: change RAY_VERSION only with the vLLM images. The amd64
+# pair is services/nvfp4_serve/versions.env (vLLM 0.26.0 + Ray 2.58.0, verified on GPUs).
 VLLM_IMAGE_ARM64 ?= nvcr.io/nvidia/vllm:26.10-py3
-VLLM_IMAGE_AMD64 ?= vllm/vllm-openai:v0.29.0
-RAY_VERSION      ?= 2.60.0
+VLLM_IMAGE_AMD64 ?= vllm/vllm-openai:v0.26.0
+RAY_VERSION      ?= 2.58.0
 PYTORCH_IMAGE    ?= nvcr.io/nvidia/pytorch:26.10-py3
 MODELOPT_VERSION ?= 0.47.0
 ADMIN_BASE_IMAGE ?= python:3.11-slim-bookworm

@@ -27,6 +27,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from nvfp4_common.serving import RAY_ENV_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # bench/devkit, shared with the tests and the demo
 
@@ -62,6 +64,9 @@ def _env(marker: str, models_dir: Path, roots: list[Path]) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false",
         }
     )
+    # Serve's mode, as in compose and the chart; e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the
+    # caller's environment turns it off.
+    env.update({k: os.environ.get(k, v) for k, v in RAY_ENV_DEFAULTS.items()})
     return env
 
 

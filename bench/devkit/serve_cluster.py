@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from nvfp4_common.serving import RAY_ENV_DEFAULTS
+
 from .processes import kill_marked
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +86,9 @@ class ServeCluster:
                 "VLLM_CPU_KVCACHE_SPACE": "1",
                 "HF_HUB_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
+                # Serve's mode of every deployment of ours (throughput-optimized); a test's
+                # or a benchmark variant's `env` may still override it.
+                **RAY_ENV_DEFAULTS,
             }
         )
         if self.temp_dir is not None:

@@ -19,6 +19,8 @@ import pytest
 import redis
 import yaml
 
+from nvfp4_common.serving import RAY_ENV_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 # 128 GB of LPDDR5x as the OS counts it (GiB); what GB10's CUDA reports is close to it.
@@ -133,6 +135,31 @@ def test_serve_ports_health_volumes_and_keys(rendered: dict[str, Any]) -> None:
     assert _gib(serve["shm_size"]) >= 2
     assert [s if isinstance(s, str) else s["source"] for s in serve["secrets"]] == ["api_keys"]
     assert serve["environment"]["NVFP4_SERVE_API_KEY_FILE"] == "/run/secrets/api_keys"
+
+
+def ray_serve_env(rendered: dict[str, Any]) -> dict[str, str]:
+    """The serve container's RAY_SERVE_* variables, as compose resolves them."""
+    env = rendered["services"]["serve"]["environment"]
+    return {k: str(v) for k, v in env.items() if k.startswith("RAY_SERVE_")}
+
+
+def test_serve_runs_ray_serve_with_the_shared_env_defaults(rendered: dict[str, Any]) -> None:
+    """Compose sets exactly nvfp4_common.serving.RAY_ENV_DEFAULTS, the defaults the chart,
+    the local stack and the test cluster use (tests/helm checks the chart's)."""
+    assert ray_serve_env(rendered) == RAY_ENV_DEFAULTS
+
+
+def test_throughput_optimized_serve_can_be_turned_off(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [_compose(), "-f", str(COMPOSE_FILE), "config"],
+        env=_env(tmp_path, NVFP4_RAY_SERVE_THROUGHPUT_OPTIMIZED="0"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    env = ray_serve_env(yaml.safe_load(out.stdout))
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
 
 
 def test_worker_waits_for_redis_and_gets_time_to_stop_a_job(rendered: dict[str, Any]) -> None:

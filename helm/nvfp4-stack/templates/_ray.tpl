@@ -26,6 +26,11 @@ env:
   # Read by the ingress and re-read when the mounted Secret changes.
   - name: NVFP4_SERVE_API_KEY_FILE
     value: /etc/nvfp4/api-keys/api-keys
+  # Read by Ray's processes at start (nvfp4_common.serving.RAY_ENV_DEFAULTS, docs/serving.md).
+  - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+    value: {{ ternary "1" "0" $ctx.Values.ray.throughputOptimized | quote }}
+  - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+    value: "0"
   {{- with $ctx.Values.ray.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU checks of a release, one stage per device call (each fits one 10-minute call).
+#
+# Runs on the GPU machine once the offline bundle (../shared/gpu/build-bundle.sh --with-ray:
+# vLLM 0.26.0 + Ray 2.58.0, the pair of services/nvfp4_serve/versions.env) is unpacked in
+# /tmp/site and the calling line has exported PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+# HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_USE_FLASHINFER_SAMPLER=0. Stages after the
+# first need the same warm machine: /tmp (site dir, model, results so far) lasts only while
+# it stays warm. Results go to $OUT (a device call returns what is written there), else to
+# bench/results/; the serving JSON builds up in /tmp/models across the serve stages.
+#
+#   bench/gpu_run.sh tests      # pytest tests/gpu (needs redis: carry .whl/ with its wheel)
+#   bench/gpu_run.sh serve      # 8B-shaped BF16 model; our endpoint at concurrency 1 16 64 128
+#   bench/gpu_run.sh plain      # plain vLLM OpenAI server at the same levels (the baseline)
+#   bench/gpu_run.sh variant direct-ingress|mode-off   # one more configuration of ours
+#
+# "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS, throughput-
+# optimized Ray Serve); the variants are direct ingress on and the mode off (Ray's defaults).
+# Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODELS=${NVFP4_GPU_MODELS:-/tmp/models}
+RESULTS=${OUT:-bench/results}
+BF16=$MODELS/qwen3-8b-shaped-bf16
+SERVE_JSON=$MODELS/gpu_serve-throughput-defaults.json
+CONCURRENCY=(1 16 64 128)
+mkdir -p "$MODELS" "$RESULTS"
+
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false
+export VLLM_USE_FLASHINFER_SAMPLER=0  # flashinfer is not in the offline bundle
+test -d /tmp/site || { echo "no /tmp/site: unpack the bundle first (machine cold?)"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD/services:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PATH=/tmp/site/bin:$PATH
+
+versions() {
+    python3 -c "import json, vllm, ray; from nvfp4_common.serving import RAY_ENV_DEFAULTS
+print(json.dumps({'vllm': vllm.__version__, 'ray': ray.__version__,
+                  'ray_env_defaults': RAY_ENV_DEFAULTS}))"
+}
+
+# gpu_serve.py with this script's settings; the deadline leaves a minute of the call for
+# copying results. Ours starts in 190-290 s, plain vLLM in 115-125 s (CUDA graphs, H100/H200).
+serve_bench() {
+    local rc=0
+    python3 bench/gpu_serve.py --model "$BF16" --ray-prefix /tmp/site --log-dir "$MODELS" \
+        --concurrency "${CONCURRENCY[@]}" --vllm-bench --vllm-bin /tmp/site/bin/vllm \
+        --vllm-bench-min-prompts 16 --vllm-bench-dir "$MODELS/vllm-bench" \
+        --deadline-s "${DEADLINE_S:-500}" --out "$SERVE_JSON" "$@" || rc=$?
+    cp "$SERVE_JSON" "$RESULTS/" 2>/dev/null || true
+    versions >"$RESULTS/gpu_run-versions.json" || true
+    return "$rc"
+}
+
+case "${1:-}" in
+tests)
+    if ! python3 -c "import redis" 2>/dev/null; then
+        # tests/conftest.py imports the Redis client; the image has none.
+        ls .whl/redis-*.whl >/dev/null 2>&1 || { echo "no .whl/redis-*.whl: carry .whl"; exit 1; }
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target /tmp/site .whl/redis-*.whl
+    fi
+    versions | tee "$RESULTS/gpu_run-versions.json"
+    timeout "${TESTS_TIMEOUT_S:-540}" python3 -m pytest tests/gpu -q -x -p no:cacheprovider \
+        -rs --durations=10 --junitxml="$RESULTS/gpu-tests.xml" "${@:2}"
+    ;;
+serve)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    test -f "$BF16/config.json" || python3 bench/gpu_model.py --out "$BF16" \
+        --json "$RESULTS/gpu_model.json" 2>&1 | { grep -v "Writing model shards" || true; }
+    rm -f "$SERVE_JSON"
+    serve_bench --skip-plain
+    ;;
+plain)
+    test -f "$SERVE_JSON" || { echo "run 'serve' first on this machine"; exit 1; }
+    serve_bench --append --skip-ours
+    ;;
+variant)
+    test -f "$SERVE_JSON" || { echo "run 'serve' and 'plain' first on this machine"; exit 1; }
+    case "${2:-}" in
+    direct-ingress) spec="direct-ingress=RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
+    mode-off) spec="mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
+    *) echo "variant: direct-ingress or mode-off"; exit 2 ;;
+    esac
+    serve_bench --append --skip-ours --skip-plain --variant "$spec"
+    ;;
+*)
+    sed -n '2,19p' "$0"
+    exit 2
+    ;;
+esac
