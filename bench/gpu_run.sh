@@ -25,7 +25,7 @@ RESULTS=${OUT:-bench/results}
 BF16=$MODELS/qwen3-8b-shaped-bf16
 SERVE_JSON=$MODELS/gpu_serve-throughput-defaults.json
 CONCURRENCY=(1 16 64 128)
-mkdir -p "$MODELS" "$RESULTS"
+mkdir -p "$MODELS/vllm-bench" "$RESULTS"
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false
 export VLLM_USE_FLASHINFER_SAMPLER=0  # flashinfer is not in the offline bundle
