@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,8 +20,11 @@ from nvfp4_admin.output import (
     since,
     table,
 )
+from nvfp4_admin.sizing import checkpoint_sizes, read_config
+from nvfp4_common.errors import Nvfp4Error
 from nvfp4_common.jobs import Job, JobSpec, JobState, Priority, QuantFormat, Stage
 from nvfp4_common.queue import CancelOutcome, JobQueue, through_restarts
+from nvfp4_common.recipes import RECIPES, recipe_help
 
 # The stages of a claimed job in the order the worker runs them (nvfp4_worker.pipeline),
 # for "(i/n)" in progress lines: the model is evaluated before calibration and again after.
@@ -43,7 +47,27 @@ _SPEC_PARAMS = {
     "eval_samples": "eval_samples",
     "exclude": "exclude",
     "output_name": "name",
+    "recipe": "recipe",
+    "max_ppl_increase_pct": "max_ppl_increase",
+    "max_kl": "max_kl",
+    "max_size_gb": "max_size_gb",
 }
+
+
+class Percent(click.ParamType):
+    """A percentage: `5%` or `5`."""
+
+    name = "PERCENT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return float(str(value).strip().removesuffix("%"))
+        except ValueError:
+            self.fail(f"{value!r} is not a percentage such as 5%", param, ctx)
 
 
 @click.group()
@@ -77,6 +101,24 @@ def jobs() -> None:
 )
 @click.option("--name", help="Output folder name under the models directory.")
 @click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    help="Calibration recipe, used as it is (no recipe search): " + recipe_help() + ".",
+)
+@click.option(
+    "--max-ppl-increase",
+    type=Percent(),
+    help="Quality target: held-out perplexity may rise at most this much, e.g. 5%. The"
+    " worker keeps the most sensitive layers in BF16 until it holds.",
+)
+@click.option(
+    "--max-kl",
+    type=float,
+    help="Quality target: mean per-token KL divergence from the original on held-out text,"
+    " e.g. 0.05.",
+)
+@click.option("--max-size-gb", type=float, help="Size budget of the checkpoint in GB (10^9 bytes).")
+@click.option(
     "--priority",
     type=click.Choice([p.value for p in Priority]),
     default=Priority.NORMAL.value,
@@ -97,6 +139,10 @@ def submit(
     eval_samples: int | None,
     exclude: tuple[str, ...],
     name: str | None,
+    recipe: str | None,
+    max_ppl_increase: float | None,
+    max_kl: float | None,
+    max_size_gb: float | None,
     priority: str,
     wait: bool,
     as_json: bool,
@@ -104,15 +150,25 @@ def submit(
     """Queue a job that quantizes MODEL (a Hugging Face id or a local folder).
 
     Unset options take the job defaults (512 calibration samples of 2048 tokens from
-    allenai/c4, 32 evaluation samples).
+    allenai/c4, 32 evaluation samples). With a target (--max-ppl-increase, --max-kl,
+    --max-size-gb) the worker publishes the smallest candidate that keeps it, or fails
+    with the table of what it tried; without --recipe it tries the cheapest recipes first.
     """
+    target = {
+        "max_ppl_increase_pct": max_ppl_increase,
+        "max_kl": max_kl,
+        "max_size_gb": max_size_gb,
+    }
     fields: dict[str, Any] = {
         "calib_dataset": calib_dataset,
         "calib_samples": calib_samples,
         "calib_seq_len": calib_seq_len,
         "eval_samples": eval_samples,
         "output_name": name,
+        "recipe": recipe,
+        "target": {k: v for k, v in target.items() if v is not None} or None,
     }
+    ctx = click.get_current_context()
     try:
         spec = JobSpec(
             model=model,
@@ -123,11 +179,12 @@ def submit(
     except ValidationError as e:
         # A value the job model refuses is a usage error of the option that carried it.
         err = e.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else ""
+        loc = [str(part) for part in err["loc"]]
         message = err["msg"].removeprefix("Value error, ")
-        ctx = click.get_current_context()
+        field = loc[-1] if loc else message.partition(":")[0]
         param = next((p for p in ctx.command.params if p.name == _SPEC_PARAMS.get(field)), None)
-        raise click.BadParameter(message, ctx=ctx, param=param) from None
+        raise click.BadParameter(message.removeprefix(f"{field}: "), ctx=ctx, param=param) from None
+    _check_size_budget(spec, ctx)
     job = app.queue.submit(spec, Priority(priority))
     if not as_json:
         click.echo(f"submitted {job.id}: {spec.model} -> {spec.resolved_output_name()}")
@@ -137,6 +194,29 @@ def submit(
         emit_json(job)  # one document: the job as submitted, or as it ended with --wait
     if wait and job.state != JobState.SUCCEEDED:
         sys.exit(1)
+
+
+def _check_size_budget(spec: JobSpec, ctx: click.Context) -> None:
+    """Refuse a size budget below the all-NVFP4 checkpoint, when the CLI can read the
+    model's config.json (a local folder); for a hub model the worker checks it."""
+    budget = spec.target.max_size_gb if spec.target else None
+    config = Path(spec.model) / "config.json"
+    if budget is None or not config.is_file():
+        return
+    try:
+        _, shape = read_config(config)
+    except Nvfp4Error:
+        return  # the worker reports a bad config with the job
+    fmt = "fp8" if spec.format is QuantFormat.FP8 else "nvfp4"
+    smallest = checkpoint_sizes(shape, tuple(spec.exclude)).quant_bytes[fmt]
+    if smallest > budget * 1e9:
+        param = next(p for p in ctx.command.params if p.name == "max_size_gb")
+        raise click.BadParameter(
+            f"{budget:g} GB is below the smallest {fmt} checkpoint of this model"
+            f" ({smallest / 1e9:.3f} GB, every layer quantized)",
+            ctx=ctx,
+            param=param,
+        )
 
 
 @jobs.command("list")

@@ -12,7 +12,9 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nvfp4_common.recipes import RECIPES, QualityTarget
 
 # A Hugging Face repo id ("org/name"); anything else must be a local path. Both patterns
 # end in \Z, not $: `$` also matches before a trailing newline, which let "name\n" through.
@@ -89,6 +91,34 @@ class JobSpec(BaseModel):
     output_name: str | None = Field(
         None, description="Folder name under the models directory; derived when absent."
     )
+    recipe: str | None = Field(
+        None,
+        description="Calibration recipe (nvfp4_common.recipes); unset: max calibration, or"
+        " with a target the cheapest recipes first.",
+    )
+    target: QualityTarget | None = Field(
+        None,
+        description="Quality (and size) the checkpoint must keep; the worker searches for the"
+        " smallest candidate that keeps it.",
+    )
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, v: str | None) -> str | None:
+        if v is not None and v not in RECIPES:
+            raise ValueError(f"unknown recipe {v!r} (known: {', '.join(RECIPES)})")
+        return v
+
+    @model_validator(mode="after")
+    def _target_is_measurable(self) -> JobSpec:
+        if self.recipe is not None and self.format is QuantFormat.FP8:
+            raise ValueError("recipe: recipes are NVFP4 calibrations; FP8 takes none")
+        if self.target is not None and self.target.has_quality and self.eval_samples == 0:
+            raise ValueError(
+                "eval_samples: a quality target is measured on held-out text; set"
+                " eval_samples above 0"
+            )
+        return self
 
     @field_validator("exclude")
     @classmethod
@@ -146,6 +176,9 @@ class JobResult(BaseModel):
     perplexity_base: float | None = None
     perplexity_quant: float | None = None
     perplexity_change_pct: float | None = None
+    kl: float | None = None  # mean per-token KL from the original, on the held-out text
+    recipe: str | None = None
+    kept_layers: list[str] = Field(default_factory=list)  # kept in BF16 by the search
     duration_s: float
 
 

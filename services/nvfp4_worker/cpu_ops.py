@@ -29,6 +29,7 @@ _MIN_BLOCK_SCALE = 1e-5
 _MIN_GLOBAL_SCALE = 1e-12
 
 _original_op: Callable[..., torch.Tensor] | None = None
+_original_static: Callable[..., torch.Tensor] | None = None
 
 
 def _round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
@@ -129,16 +130,82 @@ def dynamic_block_quantize(
     return nvfp4_fake_quant(inputs, amax, block_size)
 
 
+def static_blockwise_fp4_fake_quant(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    global_amax: torch.Tensor | None = None,
+    quantize_block_scales: bool = True,
+    fp8_max_for_normalization: float = E4M3_MAX,
+    out_dtype: torch.dtype | None = None,
+    pass_through_bwd: bool = False,
+) -> torch.Tensor:
+    """Drop-in for the name `static_blockwise_fp4_fake_quant` in ModelOpt's
+    tensor_quantizer module (same signature): CPU tensors go to `static_block_fake_quant`,
+    CUDA tensors to ModelOpt's own op."""
+    if x.is_cuda:
+        assert _original_static is not None, "cpu_ops.install() was not called"
+        return _original_static(
+            x,
+            amax,
+            global_amax,
+            quantize_block_scales,
+            fp8_max_for_normalization,
+            out_dtype,
+            pass_through_bwd,
+        )
+    return static_block_fake_quant(
+        x, amax, global_amax, quantize_block_scales, fp8_max_for_normalization, out_dtype
+    )
+
+
 def install() -> bool:
-    """Route ModelOpt's dynamic block quantization through the CPU port.
+    """Route ModelOpt's dynamic and static NVFP4 block quantization through the CPU ports.
 
-    Idempotent. Returns True when the patch is (now) in place.
+    The static op backs the recipes that search weight block scales (MSE sweep,
+    four-over-six, local Hessian): ModelOpt refuses it without Triton
+    ("static_blockwise_fp4_fake_quant requires triton"). Idempotent. Returns True when
+    the patches are (now) in place.
     """
-    global _original_op
+    global _original_op, _original_static
     from modelopt.torch.quantization import tensor_quant
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer
 
-    if tensor_quant.dynamic_block_quantize_op is dynamic_block_quantize:
-        return True
-    _original_op = tensor_quant.dynamic_block_quantize_op
-    tensor_quant.dynamic_block_quantize_op = dynamic_block_quantize
+    if tensor_quant.dynamic_block_quantize_op is not dynamic_block_quantize:
+        _original_op = tensor_quant.dynamic_block_quantize_op
+        tensor_quant.dynamic_block_quantize_op = dynamic_block_quantize
+    if tensor_quantizer.static_blockwise_fp4_fake_quant is not static_blockwise_fp4_fake_quant:
+        _original_static = tensor_quantizer.static_blockwise_fp4_fake_quant
+        tensor_quantizer.static_blockwise_fp4_fake_quant = static_blockwise_fp4_fake_quant
     return True
+
+
+def static_block_fake_quant(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    global_amax: torch.Tensor | None = None,
+    quantize_block_scales: bool = True,
+    fp8_max_for_normalization: float = E4M3_MAX,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """NVFP4 fake quantization with calibrated per-block amax values (static block scales).
+
+    Follows ModelOpt's Triton kernel (kernels/quantization/gemm/fp4_kernel.py,
+    `static_blockwise_fp4_fake_quant` and `compute_fp4_scales`): scale = amax / 6, stored
+    as FP8 E4M3 relative to the tensor's global amax; a zero scale gives a zero block.
+    """
+    from modelopt.torch.quantization.tensor_quant import scaled_e4m3_impl
+
+    blocks = amax.numel()
+    scale = amax.float() / E2M1_MAX
+    if quantize_block_scales:
+        if global_amax is None:
+            global_amax = amax.float().amax()
+        scale_amax = global_amax.float() * (E4M3_MAX / fp8_max_for_normalization) / E2M1_MAX
+        scale = scaled_e4m3_impl(scale, scale_amax)
+    scale = scale.reshape(blocks, 1)
+    flat = x.reshape(blocks, -1).float()
+    bad = (scale == 0) | ~torch.isfinite(scale)
+    safe = torch.where(bad, 1.0, scale)
+    q = _round_to_e2m1(flat.abs() / safe) * safe
+    y = torch.where(bad, 0.0, torch.where(flat >= 0, q, -q))
+    return y.reshape(x.shape).to(out_dtype or x.dtype)

@@ -1,9 +1,18 @@
-"""The README.md model card written next to a quantized checkpoint."""
+"""The README.md model card written next to a quantized checkpoint.
+
+The metadata goes through huggingface_hub's ModelCardData, so it is valid YAML whatever
+the names in it, and carries what the Hub's checks look for (`base_model`,
+`base_model_relation: quantized`).
+"""
 
 from __future__ import annotations
 
 from pathlib import PurePath
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from nvfp4_common.recipes import RECIPES
 
 FORMAT_TEXT = {
     "nvfp4": (
@@ -48,17 +57,20 @@ def render(report: dict[str, Any]) -> str:
     source_dtype = size.get("source_dtype")
     original = f"original ({source_dtype} safetensors)" if source_dtype else "original"
     werr = ev.get("weight_error") or {}
+    recipe = RECIPES.get(report.get("recipe") or "")
+    method = f"recipe `{recipe.name}`: {recipe.summary}" if recipe else "max calibration"
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="quantized",
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[fmt, "modelopt", "quantized", "nvfp4-stack"],
+    )
     lines = [
-        "---",
-        f"base_model: {base}",
-        "library_name: transformers",
-        f"tags: [{fmt}, modelopt, quantized]",
-        "---",
-        "",
         f"# {name}",
         "",
         f"{fmt.upper()} quantization of `{base}` made with NVIDIA ModelOpt"
-        f" {versions.get('modelopt', '?')} post-training quantization (max calibration).",
+        f" {versions.get('modelopt', '?')} post-training quantization ({method}).",
         "",
         "## Format",
         "",
@@ -94,6 +106,10 @@ def render(report: dict[str, Any]) -> str:
         f"| {fmt} | {_num(ev.get('perplexity_quant'))} |",
         f"| change | {_num(ev.get('perplexity_change_pct'), '{:+.1f}%')} |",
         "",
+        f"Mean per-token KL divergence from the original's next-token distribution:"
+        f" {_num(ev.get('kl'), '{:.4f}')} nats.",
+        "",
+        *_search(report),
         f"Mean relative weight reconstruction error: {_num(werr.get('mean'), '{:.4f}')}.",
         "",
         "## Tool versions",
@@ -117,4 +133,37 @@ def render(report: dict[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _search(report: dict[str, Any]) -> list[str]:
+    """The quality-target search: every candidate, and the layers kept in BF16."""
+    search = report.get("search") or {}
+    candidates = search.get("candidates") or []
+    if not search.get("target") or not candidates:
+        return []
+    sens = search.get("sensitivity") or {}
+    out = [
+        "## Quality target search",
+        "",
+        f"Target: {', '.join(f'{k} {v:g}' for k, v in search['target'].items())}."
+        " Candidates measured on the held-out text, in the order tried:",
+        "",
+        "| recipe | layers in BF16 | size | perplexity | KL | seconds | keeps target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in candidates:
+        out.append(
+            f"| {c['recipe']} | {len(c['kept'])} | {_gb(c['size_bytes'])} |"
+            f" {_num(c['ppl_change_pct'], '{:+.1f}%')} | {_num(c['kl'], '{:.4f}')} |"
+            f" {c['wall_s']:.0f} | {'yes' if c['meets'] else 'no'} |"
+        )
+    kept = report.get("kept_layers") or []
+    if kept:
+        out += [
+            "",
+            "Kept in BF16 by measured sensitivity (KL with only that layer quantized):",
+            "",
+            *(f"- `{k}`: {_num(sens.get(k), '{:.4f}')}" for k in kept),
+        ]
+    return [*out, ""]

@@ -8,6 +8,7 @@ visible in models_dir; the temp folder is removed on any failure.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import shutil
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nvfp4_common.checkpoint_files import TOKENIZER_FILES, has_tokenizer
-from nvfp4_common.jobs import JobResult, JobSpec, Stage
+from nvfp4_common.jobs import JobResult, JobSpec, QuantFormat, Stage
+from nvfp4_common.recipes import DEFAULT_RECIPE, RECIPES, SEARCH_LADDER, QualityTarget
 from nvfp4_common.settings import Settings
 from nvfp4_worker import (
     calibration,
@@ -31,6 +33,7 @@ from nvfp4_worker import (
     modelcard,
     publish,
     quantize,
+    search,
     sources,
 )
 from nvfp4_worker.errors import JobError
@@ -39,6 +42,10 @@ if TYPE_CHECKING:  # the reporter module pulls in the Redis client
     from nvfp4_worker.reporter import Reporter
 
 VERSIONED = ("nvidia-modelopt", "torch", "transformers", "nvfp4-stack")
+# Layer sensitivity is measured on a slice of the calibration text (the held-out text
+# judges the candidates): 2 windows of at most 256 tokens keep 30-60 probes cheap.
+PROBE_WINDOWS = 2
+PROBE_TOKENS = 256
 
 
 @dataclass
@@ -198,34 +205,29 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
 
     t = time.monotonic()
     reporter.progress(Stage.EVALUATING, 0.0, "evaluating the original model")
-    ppl_base = evaluate.perplexity(
-        model, windows.held_out, device, _each(reporter, Stage.EVALUATING, "original", 0.9)
+    base = evaluate.measure(
+        model, windows.held_out, device, None, _each(reporter, Stage.EVALUATING, "original", 0.9)
     )
+    ppl_base = base.perplexity
+    probe_windows = windows.calib[:PROBE_WINDOWS, :PROBE_TOKENS]
+    probe_ref = evaluate.measure(model, probe_windows, device).reference if spec.target else None
     gen_base = evaluate.generate(model, tokenizer, device)
     timed("evaluate_original", t)
 
-    t = time.monotonic()
-    cfg = quantize.build_config(spec.format, spec.exclude)
-    loop = calibration.make_forward_loop(
-        windows.calib, device, _each(reporter, Stage.CALIBRATING, "calibration batch", 1.0)
-    )
-    reporter.progress(Stage.CALIBRATING, 0.0, f"calibrating on {spec.calib_samples} samples")
-    model = quantize.quantize(model, cfg, loop)
-    if quantize.quantized_layer_count(model) == 0:
-        raise JobError("the exclude patterns leave no layer to quantize")
-    timed("calibrate", t)
+    model, outcome = _quantize(plan, reporter, model, windows, base, probe_windows, probe_ref)
+    chosen = outcome.chosen
+    assert chosen is not None  # _quantize raises when no candidate keeps the target
 
     t = time.monotonic()
     reporter.progress(Stage.EVALUATING, 0.0, "evaluating the quantized model")
     with evaluate.quantized_weights(model) as errors:
-        ppl_quant = evaluate.perplexity(
-            model, windows.held_out, device, _each(reporter, Stage.EVALUATING, "quantized", 0.8)
-        )
         gen_quant = evaluate.generate(model, tokenizer, device)
     timed("evaluate_quantized", t)
-    change = evaluate.change_pct(ppl_base, ppl_quant)
-    if ppl_base is not None:
-        reporter.log(f"perplexity {ppl_base:.3f} -> {ppl_quant:.3f} ({change:+.2f}%)")
+    ppl_quant, change = chosen.perplexity, chosen.ppl_change_pct
+    if ppl_base is not None and ppl_quant is not None:
+        reporter.log(
+            f"perplexity {ppl_base:.3f} -> {ppl_quant:.3f} ({change:+.2f}%), KL {chosen.kl:.4f}"
+        )
 
     t = time.monotonic()
     reporter.progress(Stage.EXPORTING, 0.0, "exporting the checkpoint")
@@ -245,6 +247,13 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
         "kv_cache_quant_algo": quant_config["quantization"].get("kv_cache_quant_algo"),
         "excluded_modules": quant_config["quantization"].get("exclude_modules", []),
         "exclude_patterns": list(spec.exclude),
+        "recipe": chosen.recipe,
+        "kept_layers": list(chosen.kept),
+        "search": {
+            "target": spec.target.model_dump(exclude_none=True) if spec.target else None,
+            "candidates": [c.row() for c in outcome.candidates],
+            "sensitivity": {k: round(v, 6) for k, v in outcome.sensitivity.items()},
+        },
         "device": device.type,
         "compute_dtype": str(plan.dtype).removeprefix("torch."),
         "calibration": {
@@ -258,6 +267,7 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
             "perplexity_base": ppl_base,
             "perplexity_quant": ppl_quant,
             "perplexity_change_pct": change,
+            "kl": chosen.kl,
             "weight_error": summary,
             "generations": [
                 {"prompt": b["prompt"], "base": b["completion"], "quantized": q["completion"]}
@@ -281,6 +291,115 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _quantize(
+    plan: _Plan,
+    reporter: Reporter,
+    model: torch.nn.Module,
+    windows: calibration.TokenWindows,
+    base: evaluate.Measurement,
+    probe_windows: torch.Tensor,
+    probe_ref: evaluate.Reference | None,
+) -> tuple[torch.nn.Module, search.Outcome]:
+    """Calibrate with the job's recipe; with a target, search for the smallest candidate
+    that keeps it (search.py). Returns the model as the chosen candidate is exported."""
+    spec, device, timings = plan.spec, plan.device, plan.timings
+    target = spec.target or QualityTarget()
+    if spec.recipe is not None or spec.format is QuantFormat.FP8:
+        ladder: tuple[str | None, ...] = (spec.recipe,)
+    else:
+        ladder = SEARCH_LADDER if spec.target else (DEFAULT_RECIPE,)
+    loop = calibration.make_forward_loop(
+        windows.calib, device, _each(reporter, Stage.CALIBRATING, "calibration batch", 1.0)
+    )
+    candidates: list[search.Candidate] = []
+
+    def calibrate(recipe: str | None, fresh: bool) -> torch.nn.Module:
+        nonlocal model
+        t = time.monotonic()
+        if fresh:  # mtq.quantize works in place: start again from the original weights
+            del model
+            gc.collect()
+            model = _load(plan)[1]
+        reporter.progress(
+            Stage.CALIBRATING,
+            0.0,
+            f"calibrating ({recipe or spec.format.value}) on {spec.calib_samples} samples",
+        )
+        model = quantize.quantize(
+            model, quantize.build_config(spec.format, spec.exclude, recipe), loop
+        )
+        if quantize.quantized_layer_count(model) == 0:
+            raise JobError("the exclude patterns leave no layer to quantize")
+        timings["calibrate"] = round(timings.get("calibrate", 0.0) + time.monotonic() - t, 3)
+        return model
+
+    def size_of(recipe: str | None, kept: tuple[str, ...]) -> int:
+        keeps = RECIPES[recipe].keeps if recipe else ()
+        return checkpoint.estimate_output_bytes(
+            plan.source.path, spec.format, [*spec.exclude, *keeps, *(f"{k}." for k in kept)]
+        )
+
+    def measure(recipe: str | None, kept: tuple[str, ...]) -> search.Candidate:
+        t = time.monotonic()
+        reporter.progress(Stage.EVALUATING, 0.0, f"measuring {recipe}, {len(kept)} layers kept")
+        with evaluate.quantized_weights(model):
+            m = evaluate.measure(model, windows.held_out, device, base.reference)
+        c = search.Candidate(
+            recipe=recipe or spec.format.value,
+            kept=kept,
+            size_bytes=size_of(recipe, kept),
+            perplexity=m.perplexity,
+            ppl_change_pct=evaluate.change_pct(base.perplexity, m.perplexity),
+            kl=m.kl,
+            wall_s=round(time.monotonic() - t, 3),
+        )
+        search.judge(c, target)
+        reporter.log(f"candidate: {c.describe()}{'' if c.meets else f' ({c.why_not})'}")
+        return c
+
+    # 1. the recipes, every layer quantized, cheapest first
+    for i, recipe in enumerate(ladder):
+        model = calibrate(recipe, fresh=i > 0)
+        c = measure(recipe, ())
+        candidates.append(c)
+        if c.meets:
+            return model, search.Outcome(c, candidates)
+    # 2. the closest recipe, keeping its most sensitive layers in BF16
+    closest = min(candidates, key=lambda c: (c.kl or 0.0, c.perplexity or 0.0))
+    recipe = ladder[[c.recipe for c in candidates].index(closest.recipe)]
+    if recipe != ladder[-1]:
+        model = calibrate(recipe, fresh=True)
+    layers = search.Layers(model)
+    t = time.monotonic()
+    reporter.progress(
+        Stage.EVALUATING, 0.0, f"measuring the sensitivity of {len(layers.units)} layers"
+    )
+
+    def probe() -> float | None:
+        with evaluate.quantized_weights(model):
+            return evaluate.measure(model, probe_windows, device, probe_ref).kl
+
+    sens = search.sensitivity(layers, probe, reporter.log)
+    timings["sensitivity"] = round(time.monotonic() - t, 3)
+    order = sorted(sens, key=lambda u: -sens[u])
+    chosen = search.keep_layers(
+        layers,
+        order,
+        lambda kept: measure(recipe, kept),
+        target,
+        lambda kept: size_of(recipe, kept),
+        candidates,
+    )
+    outcome = search.Outcome(chosen, candidates, sens)
+    if chosen is None:
+        best = outcome.best
+        raise JobError(
+            f"no candidate keeps the target ({target.describe()}): the closest was"
+            f" {best.describe() if best else 'none'}; {len(candidates)} tried (job log)"
+        )
+    return model, outcome
 
 
 def _each(reporter: Reporter, stage: Stage, what: str, scale: float) -> Any:
@@ -317,5 +436,8 @@ def _result(report: dict[str, Any], final: Path) -> JobResult:
         perplexity_base=ev.get("perplexity_base"),
         perplexity_quant=ev.get("perplexity_quant"),
         perplexity_change_pct=ev.get("perplexity_change_pct"),
+        kl=ev.get("kl"),
+        recipe=report.get("recipe"),
+        kept_layers=report.get("kept_layers", []),
         duration_s=report["timings_s"].get("total", 0.0),
     )

@@ -1,7 +1,7 @@
 """ModelOpt post-training quantization and the Hugging Face checkpoint export.
 
-The configs are ModelOpt's own presets, copied and extended, never edited in place:
-every job starts from the same preset.
+The configs are ModelOpt's own presets (a recipe names one: nvfp4_common.recipes),
+copied and extended, never edited in place: every job starts from the same preset.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from nvfp4_common.jobs import QuantFormat
+from nvfp4_common.recipes import DEFAULT_RECIPE, RECIPES
+from nvfp4_common.sizing import exclusion_pattern
 from nvfp4_worker.errors import JobError
 
 # Always kept in high precision: the output projection dominates quality loss for small
@@ -22,12 +24,12 @@ from nvfp4_worker.errors import JobError
 ALWAYS_EXCLUDED = ("lm_head",)
 
 
-def _preset(fmt: QuantFormat) -> dict[str, Any]:
+def _preset(fmt: QuantFormat, recipe: str | None) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
 
     if fmt is QuantFormat.FP8:
         return copy.deepcopy(mtq.FP8_DEFAULT_CFG)
-    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    cfg = copy.deepcopy(getattr(mtq, RECIPES[recipe or DEFAULT_RECIPE].preset))
     if fmt is QuantFormat.NVFP4_FP8_KV:
         # FP8 K/V quantizers on the attention BMMs: the checkpoint gets k_scale/v_scale and
         # hf_quant_config.json says kv_cache_quant_algo FP8.
@@ -35,15 +37,9 @@ def _preset(fmt: QuantFormat) -> dict[str, Any]:
     return cfg
 
 
-def exclusion_pattern(glob: str) -> str:
-    """A user's module glob as a quantizer-name pattern (`*pattern*` matches every
-    quantizer of the module, e.g. `model.layers.0.mlp.down_proj.weight_quantizer`)."""
-    return f"*{glob.strip('*')}*"
-
-
-def build_config(fmt: QuantFormat, exclude: list[str]) -> dict[str, Any]:
-    """The ModelOpt quantization config for a job: the preset plus our exclusions."""
-    cfg = _preset(fmt)
+def build_config(fmt: QuantFormat, exclude: list[str], recipe: str | None = None) -> dict[str, Any]:
+    """The ModelOpt quantization config for a job: the recipe's preset plus our exclusions."""
+    cfg = _preset(fmt, recipe)
     for glob in [*ALWAYS_EXCLUDED, *exclude]:
         cfg["quant_cfg"].append({"quantizer_name": exclusion_pattern(glob), "enable": False})
     return cfg
@@ -84,10 +80,16 @@ def export(model: torch.nn.Module, tokenizer: Any, export_dir: Path) -> dict[str
     # A model computed in FP32 (CPU) would export its unquantized tensors (embeddings,
     # lm_head, norms) as FP32: cast the parameters, but not the quantizers' FP32 amax
     # buffers, whose precision sets the scales.
+    # Other floating buffers (AWQ's pre_quant_scale, rotary tables) follow the weights:
+    # export runs a forward pass, which fails on mixed FP32/BF16 operands.
     with torch.no_grad():
         for param in model.parameters():
             if param.is_floating_point() and param.dtype != torch.bfloat16:
                 param.data = param.data.to(torch.bfloat16)
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_floating_point() and "amax" not in name and buf.dtype != torch.bfloat16:
+                    setattr(module, name, buf.to(torch.bfloat16))
     config = getattr(model, "config", None)
     if config is not None:
         config.dtype = torch.bfloat16
