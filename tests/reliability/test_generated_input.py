@@ -41,6 +41,7 @@ from nvfp4_admin.cli import cli
 from nvfp4_common import keys
 from nvfp4_common.jobs import JobResult, JobSpec, JobState, Priority
 from nvfp4_common.queue import CorruptJob, JobQueue
+from nvfp4_common.recipes import RECIPES
 from nvfp4_common.settings import Settings
 from nvfp4_worker import publish
 from tests.reliability.redis_contents import snapshot
@@ -135,6 +136,18 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "exclude": st.lists(st.one_of(NAMES, ENDS_ODDLY.map(lambda e: "*mlp*" + e)), max_size=4)
     | st.lists(st.just("*mlp*"), min_size=255, max_size=258),
     "output_name": st.one_of(st.none(), NAMES, ENDS_ODDLY.map(lambda e: "out" + e)),
+    "recipe": st.one_of(st.none(), st.sampled_from([*RECIPES, "NVFP4", "", "awq", "nvfp4 "])),
+    "target": st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "max_ppl_increase_pct": COUNTS,
+                "max_kl": st.one_of(COUNTS, st.floats(min_value=0, max_value=1)),
+                "max_size_gb": COUNTS,
+            },
+        ),
+    ),
 }
 assert set(PLAUSIBLE) == set(JobSpec.model_fields), "a JobSpec field has no strategy here"
 # Values a careful user would send, so that a good share of the examples is accepted and
@@ -149,6 +162,15 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "exclude": st.lists(st.sampled_from(["*mlp*", "lm_head", "*layers.0.*"]), max_size=3),
     "output_name": st.one_of(
         st.none(), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}", fullmatch=True)
+    ),
+    "recipe": st.one_of(st.none(), st.sampled_from(list(RECIPES))),
+    "target": st.one_of(
+        st.none(),
+        st.builds(
+            dict,
+            max_ppl_increase_pct=st.floats(min_value=0.5, max_value=50),
+            max_kl=st.floats(min_value=0.001, max_value=1),
+        ),
     ),
 }
 
