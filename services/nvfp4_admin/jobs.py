@@ -270,6 +270,8 @@ def show(app: AppContext, job_id: str, as_json: bool) -> None:
         ("calibration", f"{s.calib_samples} x {s.calib_seq_len} tokens from {s.calib_dataset}"),
         ("eval samples", s.eval_samples),
         ("excluded", ", ".join(s.exclude) or "-"),
+        ("recipe", s.recipe or ("cheapest first" if s.target else "default")),
+        ("target", s.target.describe() if s.target else "-"),
         ("attempts", f"{job.attempts} of {job.max_attempts}"),
         ("worker", job.worker_id),
         (
@@ -294,6 +296,9 @@ def show(app: AppContext, job_id: str, as_json: bool) -> None:
                 "perplexity",
                 _perplexity(r.perplexity_base, r.perplexity_quant, r.perplexity_change_pct),
             ),
+            ("KL", "-" if r.kl is None else f"{r.kl:.4f}"),
+            ("recipe used", r.recipe),
+            ("kept in BF16", ", ".join(r.kept_layers) or "-"),
             ("duration", human_age(r.duration_s)),
             ("report", f"{r.output_path}/report.json"),
         ]
