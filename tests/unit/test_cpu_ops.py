@@ -136,3 +136,100 @@ def test_signature_matches_modelopt_op() -> None:
     theirs = inspect.signature(tensor_quant._dynamic_block_quantize_impl).parameters
     ours = inspect.signature(cpu_ops.dynamic_block_quantize).parameters
     assert list(theirs) == list(ours)
+
+
+# --- the static block op (calibrated per-block amax: MSE sweep, four-over-six, ...) ------
+
+
+def static_reference(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    global_amax: float | None = None,
+    quantize_block_scales: bool = True,
+    fp8_max: float = 448.0,
+) -> torch.Tensor:
+    """Block by block: scale = amax / 6, stored as FP8 E4M3 relative to the global amax
+    (normalised to `fp8_max`); each value the nearest E2M1 multiple; zero scale, zero block."""
+    amaxes = amax.float().reshape(-1).tolist()
+    if global_amax is None:
+        global_amax = max(amaxes)
+    scale_amax = global_amax * (448.0 / fp8_max) / 6.0
+    rows = x.float().reshape(len(amaxes), -1).tolist()
+    out = []
+    for block_amax, values in zip(amaxes, rows, strict=True):
+        scale = block_amax / 6.0
+        if quantize_block_scales:
+            scale = _nearest_even(scale * 448.0 / scale_amax, E4M3, E4M3_EVEN) * scale_amax / 448.0
+        if scale == 0:
+            out.append([0.0] * len(values))
+            continue
+        out.append(
+            [
+                math.copysign(_nearest_even(abs(v) / scale, E2M1_GRID, E2M1_EVEN) * scale, v)
+                for v in values
+            ]
+        )
+    return torch.tensor(out).reshape(x.shape)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_static_block_fake_quant_matches_reference(seed: int) -> None:
+    torch.manual_seed(seed)
+    x = torch.randn(6, 64) * (seed + 1)
+    x[2, 16:32] = 0.0  # a zero block: zero amax, zero scale
+    blocks = x.reshape(-1, 16)
+    # Calibrated amaxes as a search would leave them: some below the block's maximum
+    # (values clip to 6 x scale), some above it.
+    amax = blocks.abs().amax(-1) * torch.empty(blocks.shape[0]).uniform_(0.7, 1.2)
+    got = cpu_ops.static_block_fake_quant(x, amax)
+    want = static_reference(x, amax)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert got[2, 16:32].abs().sum() == 0
+    assert got.shape == x.shape and got.dtype == x.dtype
+
+
+def test_static_block_fake_quant_options() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(4, 32)
+    amax = x.reshape(-1, 16).abs().amax(-1)
+    # A given global amax and the four-over-six normalisation (FP8 max 256).
+    got = cpu_ops.static_block_fake_quant(
+        x, amax, torch.tensor(5.0), fp8_max_for_normalization=256.0
+    )
+    torch.testing.assert_close(
+        got, static_reference(x, amax, 5.0, fp8_max=256.0), rtol=1e-6, atol=1e-7
+    )
+    # Unquantized block scales, a BF16 input and a float32 output.
+    got = cpu_ops.static_block_fake_quant(
+        x.bfloat16(), amax, quantize_block_scales=False, out_dtype=torch.float32
+    )
+    want = static_reference(x.bfloat16().float(), amax, quantize_block_scales=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_install_patches_both_ops_idempotently() -> None:
+    from modelopt.torch.quantization import tensor_quant
+    from modelopt.torch.quantization.nn.modules import tensor_quantizer
+
+    assert cpu_ops.install()
+    first = (cpu_ops._original_op, cpu_ops._original_static)
+    assert cpu_ops.install() and cpu_ops.install()
+    assert tensor_quant.dynamic_block_quantize_op is cpu_ops.dynamic_block_quantize
+    assert (
+        tensor_quantizer.static_blockwise_fp4_fake_quant is cpu_ops.static_blockwise_fp4_fake_quant
+    )
+    # The originals are kept once: a second install must not save our own op as ModelOpt's.
+    assert (cpu_ops._original_op, cpu_ops._original_static) == first
+    assert cpu_ops._original_op is not cpu_ops.dynamic_block_quantize
+    assert cpu_ops._original_static is not cpu_ops.static_blockwise_fp4_fake_quant
+    assert cpu_ops._original_op is not None and cpu_ops._original_static is not None
+
+
+def test_static_wrapper_routes_cpu_tensors_to_the_port() -> None:
+    cpu_ops.install()
+    torch.manual_seed(4)
+    x = torch.randn(2, 32)
+    amax = x.reshape(-1, 16).abs().amax(-1)
+    got = cpu_ops.static_blockwise_fp4_fake_quant(x, amax, None, True, 448.0, None, False)
+    torch.testing.assert_close(got, static_reference(x, amax), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,301 @@
+"""The quality-target search (nvfp4_worker.search) and the measurement it relies on.
+
+`judge` and the bisection of `keep_layers` are pure logic and are tested with made-up
+numbers; `Layers` and `evaluate.measure` run on the real tiny Qwen3 quantized with real
+ModelOpt on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvfp4_common.recipes import QualityTarget
+from nvfp4_worker import cpu_ops, evaluate, search
+
+# --- judge -----------------------------------------------------------------------------
+
+
+def candidate(
+    ppl_change: float | None = 1.0, kl: float | None = 0.01, size: int = 10**9
+) -> search.Candidate:
+    return search.Candidate(
+        recipe="nvfp4",
+        kept=(),
+        size_bytes=size,
+        perplexity=None if ppl_change is None else 10 * (1 + ppl_change / 100),
+        ppl_change_pct=ppl_change,
+        kl=kl,
+        wall_s=0.1,
+    )
+
+
+def test_judge_passes_a_candidate_within_every_part() -> None:
+    target = QualityTarget(max_ppl_increase_pct=5, max_kl=0.05, max_size_gb=1.0)
+    c = search.judge(candidate(ppl_change=5.0, kl=0.05, size=10**9), target)  # bounds hold
+    assert c.meets and c.why_not == ""
+    # An empty target is kept by anything, even a candidate measured on nothing.
+    assert search.judge(candidate(ppl_change=None, kl=None), QualityTarget()).meets
+
+
+@pytest.mark.parametrize(
+    ("target", "c", "why"),
+    [
+        (QualityTarget(max_ppl_increase_pct=5), candidate(ppl_change=5.1), "perplexity above +5%"),
+        (QualityTarget(max_ppl_increase_pct=5), candidate(ppl_change=None), "perplexity above +5%"),
+        (QualityTarget(max_kl=0.05), candidate(kl=0.0501), "KL above 0.05"),
+        (QualityTarget(max_kl=0.05), candidate(kl=None), "KL above 0.05"),
+        (QualityTarget(max_size_gb=1.5), candidate(size=1_500_000_001), "larger than 1.5 GB"),
+    ],
+)
+def test_judge_names_the_part_missed(target: QualityTarget, c: search.Candidate, why: str) -> None:
+    judged = search.judge(c, target)
+    assert not judged.meets and judged.why_not == why
+
+
+def test_judge_lists_every_miss_and_clears_an_old_verdict() -> None:
+    target = QualityTarget(max_ppl_increase_pct=1, max_kl=0.01, max_size_gb=0.5)
+    c = search.judge(candidate(ppl_change=2.0, kl=0.5, size=10**9), target)
+    assert not c.meets
+    assert c.why_not == "perplexity above +1%; KL above 0.01; larger than 0.5 GB"
+    c.ppl_change_pct, c.kl, c.size_bytes = 0.5, 0.001, 1
+    assert search.judge(c, target).meets and c.why_not == ""
+
+
+# --- keep_layers: pure logic --------------------------------------------------------------
+
+ORDER = [f"model.layers.{i}" for i in range(10)]  # most sensitive first
+
+
+class Curve:
+    """A made-up monotone quality curve: keeping k layers gives KL 1/(k+1), and each
+    kept layer adds 10 MB to a 100 MB checkpoint. Records every k evaluated."""
+
+    def __init__(self, kl: Callable[[int], float] = lambda k: 1 / (k + 1)) -> None:
+        self.kl = kl
+        self.tried: list[int] = []
+
+    def size_of(self, kept: tuple[str, ...]) -> int:
+        return 100_000_000 + 10_000_000 * len(kept)
+
+    def evaluate(self, kept: tuple[str, ...]) -> search.Candidate:
+        assert kept == tuple(ORDER[: len(kept)]), "only prefixes of the order are tried"
+        self.tried.append(len(kept))
+        return search.Candidate(
+            recipe="nvfp4",
+            kept=kept,
+            size_bytes=self.size_of(kept),
+            perplexity=None,
+            ppl_change_pct=None,
+            kl=self.kl(len(kept)),
+            wall_s=0.0,
+        )
+
+
+def bisect(curve: Curve, target: QualityTarget) -> tuple[search.Candidate | None, search.Layers]:
+    layers = search.Layers(torch.nn.Linear(2, 2))  # no quantizers: keep() only records
+    candidates: list[search.Candidate] = []
+    chosen = search.keep_layers(layers, ORDER, curve.evaluate, target, curve.size_of, candidates)
+    assert [len(c.kept) for c in candidates] == curve.tried  # every trial is recorded
+    return chosen, layers
+
+
+def test_keep_layers_finds_the_smallest_k() -> None:
+    """Pure logic: a fake evaluate over a made-up curve, no model."""
+    curve = Curve()
+    chosen, layers = bisect(curve, QualityTarget(max_kl=0.15))  # 1/(k+1) <= 0.15: k >= 6
+    assert chosen is not None and chosen.meets
+    assert chosen.kept == tuple(ORDER[:6])
+    assert layers.kept == set(ORDER[:6])  # the model is left as the chosen candidate
+    assert 5 in curve.tried and len(curve.tried) <= math.ceil(math.log2(9)) + 1
+
+
+@pytest.mark.parametrize("kl", [0.5, 0.3, 0.2, 0.15, 0.12, 0.11])
+def test_keep_layers_agrees_with_a_linear_scan(kl: float) -> None:
+    """Pure logic: the bisection's answer is the first k of a scan over 1..n-1."""
+    curve = Curve()
+    chosen, _ = bisect(curve, QualityTarget(max_kl=kl))
+    scan = next(k for k in range(1, len(ORDER)) if 1 / (k + 1) <= kl)
+    assert chosen is not None and len(chosen.kept) == scan
+
+
+def test_keep_layers_respects_the_size_budget() -> None:
+    """Pure logic: at most 4 layers fit 0.14 GB (100 MB + 10 MB each)."""
+    curve = Curve()
+    chosen, _ = bisect(curve, QualityTarget(max_kl=0.25, max_size_gb=0.14))  # k >= 3
+    assert chosen is not None and chosen.kept == tuple(ORDER[:3])
+    assert max(curve.tried) <= 4
+
+    curve = Curve()
+    chosen, layers = bisect(curve, QualityTarget(max_kl=0.15, max_size_gb=0.14))  # needs 6
+    assert chosen is None and layers.kept == set()
+    assert curve.tried and max(curve.tried) <= 4
+
+
+def test_keep_layers_never_keeps_every_layer() -> None:
+    """Pure logic: only keeping all ten would meet the target; that is the original
+    model, so the search gives up rather than publish it."""
+    curve = Curve(kl=lambda k: 0.0 if k == len(ORDER) else 1.0)
+    chosen, layers = bisect(curve, QualityTarget(max_kl=0.5))
+    assert chosen is None and layers.kept == set()
+    assert len(ORDER) not in curve.tried and max(curve.tried) == len(ORDER) - 1
+    assert min(curve.tried) >= 1  # nor is keeping none tried again
+
+
+def test_keep_layers_returns_none_when_nothing_meets() -> None:
+    """Pure logic: a target below every point of the curve."""
+    curve = Curve()
+    candidates: list[search.Candidate] = []
+    layers = search.Layers(torch.nn.Linear(2, 2))
+    target = QualityTarget(max_kl=1e-6)
+    assert (
+        search.keep_layers(layers, ORDER, curve.evaluate, target, curve.size_of, candidates) is None
+    )
+    assert candidates and not any(c.meets for c in candidates)
+    assert all(c.why_not == "KL above 1e-06" for c in candidates)
+    # A budget that fits no kept layer at all leaves nothing to try.
+    curve = Curve()
+    chosen, _ = bisect(curve, QualityTarget(max_kl=0.9, max_size_gb=0.105))
+    assert chosen is None and curve.tried == []
+
+
+# --- Layers on the real tiny model ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model: Path) -> torch.nn.Module:
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    cpu_ops.install()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    data = torch.randint(0, model.config.vocab_size, (2, 32))
+
+    def loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            m(input_ids=data, use_cache=False)
+
+    return mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), loop)
+
+
+def quantizer_states(model: torch.nn.Module) -> dict[str, bool]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m.is_enabled for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_layers_groups_quantizers_by_decoder_layer(quantized: torch.nn.Module) -> None:
+    layers = search.Layers(quantized)
+    assert list(layers.units) == ["model.layers.0", "model.layers.1"]  # lm_head is not one
+    modules = dict(quantized.named_modules())
+    for unit, quantizers in layers.units.items():
+        want = []
+        for linear in LINEARS:
+            part = (
+                "self_attn" if linear.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            )
+            module = modules[f"{unit}.{part}.{linear}"]
+            want += [module.weight_quantizer, module.input_quantizer]  # both enabled
+        assert {id(q) for q in quantizers} == {id(q) for q in want}, unit
+        assert len(quantizers) == 2 * len(LINEARS)
+
+
+def test_layers_keep_disables_and_reenables_exactly_them(quantized: torch.nn.Module) -> None:
+    layers = search.Layers(quantized)
+    before = quantizer_states(quantized)
+    assert before["model.layers.0.self_attn.q_proj.weight_quantizer"]
+    try:
+        layers.keep(["model.layers.0"])
+        after = quantizer_states(quantized)
+        changed = {n for n in before if before[n] != after[n]}
+        assert changed == {n for n in before if n.startswith("model.layers.0.") and before[n]}
+        assert not any(after[n] for n in changed)
+        assert layers.kept == {"model.layers.0"}
+        # Moving to the other layer switches layer 0 back on.
+        layers.keep(["model.layers.1"])
+        after = quantizer_states(quantized)
+        assert {n for n in before if before[n] != after[n]} == {
+            n for n in before if n.startswith("model.layers.1.") and before[n]
+        }
+    finally:
+        layers.keep(())
+    assert quantizer_states(quantized) == before
+
+
+# --- evaluate.measure ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def windows(tiny: torch.nn.Module) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(0, tiny.config.vocab_size, (3, 48))
+
+
+def test_measure_kl_against_itself_is_zero(tiny: torch.nn.Module, windows: torch.Tensor) -> None:
+    cpu = torch.device("cpu")
+    base = evaluate.measure(tiny, windows, cpu)
+    assert base.kl is None and base.reference is not None
+    assert len(base.reference.logprobs) >= 1
+    again = evaluate.measure(tiny, windows, cpu, base.reference)
+    assert again.reference is None
+    assert again.kl is not None and again.kl < 1e-6
+    assert again.perplexity == pytest.approx(base.perplexity, rel=1e-6)
+
+
+def test_measure_kl_of_a_perturbed_model_is_positive(
+    tiny: torch.nn.Module, windows: torch.Tensor
+) -> None:
+    cpu = torch.device("cpu")
+    base = evaluate.measure(tiny, windows, cpu)
+    other = copy.deepcopy(tiny)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.endswith("proj.weight"):
+                p.add_(torch.randn_like(p) * p.abs().mean())
+    m = evaluate.measure(other, windows, cpu, base.reference)
+    assert m.kl is not None and m.kl > 1e-3
+
+
+def test_measure_kl_of_the_quantized_model_is_positive(
+    quantized: torch.nn.Module, tiny: torch.nn.Module, windows: torch.Tensor
+) -> None:
+    cpu = torch.device("cpu")
+    base = evaluate.measure(tiny, windows, cpu)  # the same weights before quantization
+    with evaluate.quantized_weights(quantized):
+        m = evaluate.measure(quantized, windows, cpu, base.reference)
+    assert m.kl is not None and 0 < m.kl < 5
+
+
+def test_measure_perplexity_is_exp_of_mean_nll(
+    tiny: torch.nn.Module, windows: torch.Tensor
+) -> None:
+    with torch.no_grad():
+        logits = tiny(input_ids=windows, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="mean"
+    )
+    got = evaluate.measure(tiny, windows, torch.device("cpu")).perplexity
+    assert got == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+def test_measure_of_no_windows_is_empty(tiny: torch.nn.Module) -> None:
+    m = evaluate.measure(tiny, torch.empty(0, 0, dtype=torch.long), torch.device("cpu"))
+    assert m.perplexity is None and m.kl is None and m.reference is not None
