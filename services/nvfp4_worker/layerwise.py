@@ -1,0 +1,621 @@
+"""Layer-by-layer quantization: models larger than the worker's memory.
+
+The whole-model job (pipeline.py) loads every weight before calibrating. Here the model
+is built on the meta device from config.json and only one decoder layer at a time is
+real: the calibration windows are embedded once, then each layer in turn is read from
+the safetensors shards (only its own keys), calibrated and quantized by ModelOpt on its
+own, exported through ModelOpt's own per-module export handlers into its own shard file,
+and freed. Peak memory is one decoder layer, the calibration activations (kept in memory,
+or spilled under the job's staging folder when they do not fit) and the tensors being
+written: nvfp4_common.sizing.layerwise_peak.
+
+The checkpoint is the one a whole-model job writes: the same tensor names, dtypes and
+values (tests/integration/test_layerwise.py compares them), the same
+hf_quant_config.json and config.json quantization_config. What makes that hold:
+
+- ModelOpt's max calibration collects its statistics with quantization off, so the
+  whole model's layer N sees the unquantized outputs of layers 0..N-1. Each layer here is
+  fed the previous layer's unquantized outputs, computed in the same calibration pass.
+- Each layer is quantized inside a `_Scope` whose module names are the full model's
+  ("model.layers.7.mlp.down_proj"), so exclusion patterns and ModelOpt's name-based rules
+  (q/k/v and gate/up share one global amax) match as they do on the whole model.
+- Before export, parameters are cast to BF16 as quantize.export does (the amax buffers
+  stay FP32), and ModelOpt's requantize/resmooth of modules that share an input runs on
+  the layer (collect_shared_input_modules + _fuse_shared_input_modules).
+- hf_quant_config.json comes from ModelOpt's get_quant_config over the whole skeleton,
+  whose layers keep their quantizers after their weights are released.
+
+ModelOpt's private export helpers used here were checked against nvidia-modelopt 0.47.0
+(its own streaming exporter, unified_export_hf_streaming.py, uses the same ones); they
+are all imported in `_modelopt_export`, the one place to look when ModelOpt changes.
+
+Supported: Llama/Qwen/Mistral-style decoders (model.embed_tokens, model.layers.N,
+model.norm, lm_head), tied embeddings included. Not yet: MoE layers, several GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nvfp4_worker.errors import JobError
+
+INDEX_FILE = "model.safetensors.index.json"
+# Tensors the export writes per decoder layer go into one shard each; the embeddings,
+# final norm and lm_head into the first.
+HEAD_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+
+
+def _modelopt_export() -> Any:
+    """ModelOpt 0.47's private per-module export helpers, in one namespace."""
+    from types import SimpleNamespace
+
+    from modelopt.torch.export.quant_utils import (
+        _postprocess_single_tensor,
+        fuse_prequant_to_linear,
+        get_quant_config,
+        get_quantization_format,
+    )
+    from modelopt.torch.export.registry import ExportContext
+    from modelopt.torch.export.unified_export_hf import (
+        _dispatch_export_handler,
+        _fuse_shared_input_modules,
+        _sanitize_generation_config_for_save,
+        _write_hf_export_config,
+        collect_shared_input_modules,
+    )
+
+    return SimpleNamespace(
+        postprocess_tensor=_postprocess_single_tensor,
+        fuse_prequant_to_linear=fuse_prequant_to_linear,
+        get_quant_config=get_quant_config,
+        get_quantization_format=get_quantization_format,
+        ExportContext=ExportContext,
+        dispatch=_dispatch_export_handler,
+        fuse_shared=_fuse_shared_input_modules,
+        sanitize_generation_config=_sanitize_generation_config_for_save,
+        write_export_config=_write_hf_export_config,
+        collect_shared=collect_shared_input_modules,
+    )
+
+
+# -- the source's tensors ----------------------------------------------------------------
+
+
+class SourceTensors:
+    """Which shard holds which tensor (the index json, else every shard's header), and
+    reading a chosen few of them."""
+
+    def __init__(self, folder: Path, model: str) -> None:
+        from safetensors import safe_open
+
+        self.folder, self.model = folder, model
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, list[int]] = {}
+        index = folder / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise JobError(f"model {model}: {INDEX_FILE} cannot be read ({exc})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not files:
+            raise JobError(f"model {model} has no safetensors weights")
+        for name in files:
+            path = folder / name
+            if not path.exists():
+                raise JobError(f"model {model}: weights shard {name} is missing")
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                        self.file_of[key] = name
+                        self.shapes[key] = list(handle.get_slice(key).get_shape())
+            except Exception as exc:  # safetensors raises its own error type
+                raise JobError(
+                    f"model {model}: weights shard {name} cannot be read: {exc}"
+                ) from None
+
+    def keys(self, prefix: str) -> list[str]:
+        return [k for k in self.file_of if k.startswith(prefix)]
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.file_of[key], []).append(key)
+        for name, names in by_file.items():
+            try:
+                with safe_open(str(self.folder / name), framework="pt") as handle:
+                    for key in names:
+                        out[key] = handle.get_tensor(key)
+            except FileNotFoundError:
+                raise JobError(f"model {self.model}: weights shard {name} is missing") from None
+            except Exception as exc:
+                raise JobError(
+                    f"model {self.model}: weights shard {name} cannot be read: {exc}"
+                ) from None
+        return out
+
+
+# -- calibration activations -------------------------------------------------------------
+
+
+class Activations:
+    """One hidden-state tensor per calibration batch, in host memory or spilled to files
+    under `spill_dir` (one file per batch, read back one at a time)."""
+
+    def __init__(self, spill_dir: Path | None, generation: int = 0) -> None:
+        self.spill_dir, self.generation = spill_dir, generation
+        self._held: list[torch.Tensor] = []
+        self._files: list[Path] = []
+
+    def __len__(self) -> int:
+        return len(self._files) if self.spill_dir is not None else len(self._held)
+
+    def append(self, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach().to("cpu")
+        if self.spill_dir is None:
+            self._held.append(hidden)
+            return
+        from safetensors.torch import save_file
+
+        path = self.spill_dir / f"h{self.generation}-{len(self._files):05d}.safetensors"
+        try:
+            save_file({"h": hidden.contiguous()}, str(path))
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise JobError(
+                    f"the disk under {self.spill_dir.parent.parent} filled up with spilled"
+                    " calibration activations; free space or lower calib_samples/calib_seq_len"
+                ) from None
+            raise
+        self._files.append(path)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        if self.spill_dir is None:
+            return self._held[k]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._files[k]))["h"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for k in range(len(self)):
+            yield self[k]
+
+    def free(self) -> None:
+        self._held.clear()
+        for path in self._files:
+            path.unlink(missing_ok=True)
+        self._files.clear()
+
+
+# -- one layer ---------------------------------------------------------------------------
+
+
+class _Scope(torch.nn.Module):
+    """Holds modules under the names they have in the whole model, so ModelOpt's
+    name patterns match: _Scope({"model.layers.3": layer}) names its q_proj
+    "model.layers.3.self_attn.q_proj"."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], config: Any) -> None:
+        super().__init__()
+        self.config = config  # read by ModelOpt's use_cache guard
+        for path, module in modules.items():
+            parent: torch.nn.Module = self
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, module)
+
+
+@dataclass
+class LayerwiseResult:
+    quant_config: dict[str, Any]
+    layers: int
+    spilled: bool
+    activation_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _materialize(
+    module: torch.nn.Module,
+    prefix: str,
+    source: SourceTensors,
+    device: torch.device,
+    what: str,
+) -> None:
+    """Give a meta module real storage and load its tensors from the shards; JobError when
+    the shards' tensors are not the ones the config asks for."""
+    expected = module.state_dict()
+    have = set(source.keys(prefix))
+    want = {prefix + k for k in expected}
+    missing, extra = sorted(want - have), sorted(have - want)
+    if missing or extra:
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        more = len(missing) + len(extra) - 1
+        raise JobError(
+            f"model {source.model}: {what} does not match config.json"
+            f" ({detail}{f' and {more} more' if more else ''})"
+        )
+    for key, tensor in expected.items():
+        shape = source.shapes[prefix + key]
+        if list(tensor.shape) != shape:
+            raise JobError(
+                f"model {source.model}: {what} does not match config.json ({prefix}{key} is"
+                f" {shape}, config.json makes it {list(tensor.shape)})"
+            )
+    module.to_empty(device=device)
+    tensors = source.read(sorted(want))
+    with torch.no_grad():
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True)
+    del tensors
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Back to the meta device: the storage is freed, the quantizers' settings stay."""
+    module.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _cast_for_export(module: torch.nn.Module) -> None:
+    """As quantize.export: parameters and floating buffers to BF16, amax buffers kept in
+    FP32 (their precision sets the scales)."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.is_floating_point() and param.dtype != torch.bfloat16:
+                param.data = param.data.to(torch.bfloat16)
+        for sub in module.modules():
+            for name, buf in sub.named_buffers(recurse=False):
+                if buf.is_floating_point() and "amax" not in name and buf.dtype != torch.bfloat16:
+                    setattr(sub, name, buf.to(torch.bfloat16))
+
+
+def _quantize_scope(scope: _Scope, cfg: dict[str, Any], loop: Callable[[Any], None]) -> None:
+    import modelopt.torch.quantization as mtq
+
+    try:
+        mtq.quantize(scope, cfg, loop)
+    except RuntimeError as exc:
+        # Every weight quantizer of this layer excluded (--exclude "layers.3."): ModelOpt
+        # has converted it already and refuses to calibrate; the layer is written in BF16
+        # and listed in exclude_modules, as in a whole-model export. KV-cache quantizers,
+        # if any, still need their statistics.
+        if "no weight quantizer is enabled" not in str(exc):
+            raise
+        mtq.calibrate(scope, cfg.get("algorithm", "max"), loop)
+
+
+def _export_tensors(
+    scope: _Scope, mo: Any, dummy: Callable[[], None], kv_format: str | None
+) -> dict[str, torch.Tensor]:
+    """The exported (name -> tensor) of every module in `scope`, by ModelOpt's handlers."""
+    fmt = mo.get_quantization_format(scope)
+    if fmt is not None and "nvfp4_awq" in str(fmt).lower():
+        mo.fuse_prequant_to_linear(scope)
+    input_to_linear, output_to_layernorm = mo.collect_shared(scope, dummy, collect_layernorms=True)
+    mo.fuse_shared(
+        scope,
+        input_to_linear,
+        output_to_layernorm,
+        qkv_only=False,
+        fuse_layernorms=True,
+        quantization_format=fmt,
+    )
+    ctx = mo.ExportContext(model=scope, dtype=torch.bfloat16, is_modelopt_qlora=False)
+    for name, sub in list(scope.named_modules()):
+        mo.dispatch(name, sub, ctx)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in scope.state_dict().items():
+        new_key, value = mo.postprocess_tensor(key, tensor, 448, kv_format, False)
+        if new_key is not None and value is not None:
+            out[new_key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+class _LayerCalls:
+    """How a decoder layer is called, as LlamaModel/Qwen3Model.forward calls it
+    (transformers 5.x): rotary position embeddings made once by the model's own rotary
+    module, the causal mask (None where the attention applies it itself), use_cache off
+    as calibration.make_forward_loop runs the whole model."""
+
+    def __init__(
+        self, config: Any, inner: torch.nn.Module, seq_len: int, device: torch.device, dtype: Any
+    ) -> None:
+        self.config, self.seq_len, self.device, self.dtype = config, seq_len, device, dtype
+        # Built afresh: the skeleton's rotary tables are on the meta device.
+        self.rotary = type(inner.rotary_emb)(config=config).to(device)
+        n = config.num_hidden_layers
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+        self._masks: dict[int, dict[str, Any]] = {}
+        self.full = self._position(seq_len, dtype)
+        self.probe = self._position(2, torch.bfloat16)
+
+    def _position(self, n: int, dtype: Any) -> tuple[torch.Tensor, Any]:
+        position_ids = torch.arange(n, device=self.device).unsqueeze(0)
+        x = torch.zeros(1, n, self.config.hidden_size, dtype=dtype, device=self.device)
+        with torch.no_grad():
+            return position_ids, self.rotary(x, position_ids)
+
+    def _mask(self, batch: int, layer_type: str) -> Any:
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+
+        if batch not in self._masks:
+            kw = {
+                "config": self.config,
+                "inputs_embeds": torch.zeros(batch, self.seq_len, 1, dtype=self.dtype),
+                "attention_mask": None,
+                "past_key_values": None,
+                "position_ids": self.full[0],
+            }
+            made = {"full_attention": create_causal_mask(**kw)}
+            if "sliding_attention" in self.layer_types:
+                made["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+            self._masks[batch] = made
+        masks = self._masks[batch]
+        return masks.get(layer_type, masks["full_attention"])
+
+    def run(self, layer: torch.nn.Module, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer i on a calibration batch."""
+        position_ids, cos_sin = self.full
+        out = layer(
+            hidden.to(self.device),
+            attention_mask=self._mask(hidden.shape[0], self.layer_types[i]),
+            position_embeddings=cos_sin,
+            position_ids=position_ids,
+            past_key_values=None,
+            use_cache=False,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_probe(self, layer: torch.nn.Module) -> None:
+        """ModelOpt's two-token probe pass (which modules share an input) on a BF16 layer."""
+        position_ids, cos_sin = self.probe
+        x = torch.ones(1, 2, self.config.hidden_size, dtype=torch.bfloat16, device=self.device)
+        layer(x, position_embeddings=cos_sin, position_ids=position_ids, use_cache=False)
+
+
+def _calibrate_layer(
+    scope: _Scope, i: int, cfg: dict[str, Any], hidden: Activations, calls: _LayerCalls
+) -> Activations:
+    """Quantize layer i with ModelOpt on the stored inputs; returns the next layer's."""
+    layer = scope.get_submodule(f"model.layers.{i}")
+    outputs = Activations(hidden.spill_dir, i + 1)
+    algorithm = cfg.get("algorithm", "max")
+    method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+    # Max calibration runs the layer unquantized (ModelOpt turns quantization off while it
+    # collects statistics), so its forward pass also gives the next layer's inputs, which
+    # must be the unquantized outputs a whole-model calibration feeds it. Other algorithms
+    # run quantized passes: their next inputs come from a plain pass before quantizing.
+    single_pass = method in ("max", None)
+
+    def run_all(keep: bool) -> None:
+        with torch.no_grad():
+            for h in hidden:
+                out = calls.run(layer, i, h)
+                if keep:
+                    outputs.append(out)
+
+    if not single_pass:
+        run_all(keep=True)
+    passes = 0
+
+    def loop(_: Any) -> None:
+        nonlocal passes
+        passes += 1
+        run_all(keep=single_pass and passes == 1)
+
+    _quantize_scope(scope, cfg, loop)
+    if len(outputs) != len(hidden):
+        raise RuntimeError(f"layer {i}: {len(outputs)} of {len(hidden)} outputs kept")
+    hidden.free()
+    return outputs
+
+
+def _export_layer(scope: _Scope, i: int, mo: Any, calls: _LayerCalls) -> dict[str, torch.Tensor]:
+    layer = scope.get_submodule(f"model.layers.{i}")
+    _cast_for_export(layer)
+    kv_format = mo.get_quant_config(scope)["quantization"]["kv_cache_quant_algo"]
+    return _export_tensors(scope, mo, lambda: calls.run_probe(layer), kv_format)
+
+
+# -- the job -----------------------------------------------------------------------------
+
+
+def quantize_layerwise(
+    source_dir: Path,
+    model_name: str,
+    calib: torch.Tensor,
+    cfg: dict[str, Any],
+    export_dir: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batches: list[torch.Tensor],
+    activation_budget: int | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> LayerwiseResult:
+    """Quantize the model in `source_dir` one decoder layer at a time into `export_dir`.
+
+    Args:
+        calib: the calibration windows (samples x seq_len token ids).
+        cfg: the ModelOpt quantization config (quantize.build_config).
+        batches: `calib` cut into the calibration batches (calibration.batches), in the
+            order the whole-model job runs them.
+        activation_budget: bytes of host memory the calibration activations (inputs and
+            outputs of one layer) may take; above it they are spilled to files under
+            export_dir/.spill. None: always in memory.
+        on_layer: called with (layers done, layers) after each layer; it may raise (a
+            cancelled job) and the caller removes export_dir.
+
+    Returns:
+        The hf_quant_config.json content and what the run did.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mo = _modelopt_export()
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    source = SourceTensors(source_dir, model_name)
+    config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    inner = getattr(model, "model", None)
+    if (
+        inner is None
+        or not isinstance(getattr(inner, "layers", None), torch.nn.ModuleList)
+        or not all(hasattr(inner, a) for a in ("embed_tokens", "norm", "rotary_emb"))
+        or not hasattr(model, "lm_head")
+    ):
+        raise JobError(
+            f"model {model_name} ({config.model_type}): layer-by-layer quantization supports"
+            " Llama/Qwen-style decoders (model.embed_tokens, model.layers, model.norm, lm_head)"
+        )
+    layers: torch.nn.ModuleList = inner.layers
+    # ModelOpt registers a model's attention classes for KV-cache quantization when it
+    # converts a whole transformers model; the layers here are converted on their own.
+    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
+
+    register_hf_attentions_on_the_fly(model)
+    n_layers = len(layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    # Every tensor's name and shape is checked against config.json before any is read, so
+    # a mismatched or missing tensor fails in a second, not after an hour of layers.
+    skeleton_keys = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if tied:
+        skeleton_keys.pop("lm_head.weight", None)
+    for key, shape in skeleton_keys.items():
+        if key not in source.shapes:
+            where = key.split(".weight")[0]
+            raise JobError(
+                f"model {model_name}: {where} does not match config.json (missing {key})"
+            )
+        if source.shapes[key] != shape:
+            raise JobError(
+                f"model {model_name}: {key} is {source.shapes[key]}, config.json makes it {shape}"
+            )
+
+    seq_len = calib.shape[1]
+    n_bytes = (
+        calib.shape[0] * seq_len * config.hidden_size * torch.empty((), dtype=dtype).element_size()
+    )
+    spill = activation_budget is not None and 2 * n_bytes > activation_budget
+    spill_dir = export_dir / ".spill" if spill else None
+    if spill_dir is not None:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+
+    # Embeddings -> the first layer's inputs.
+    embed = inner.embed_tokens
+    _materialize(embed, "model.embed_tokens.", source, device, "model.embed_tokens")
+    hidden = Activations(spill_dir, 0)
+    with torch.no_grad():
+        for batch in batches:
+            hidden.append(embed(batch.to(device)))
+    _release(embed)
+    calls = _LayerCalls(config, inner, seq_len, device, dtype)
+    timings["prepare"] = round(time.monotonic() - t, 3)
+
+    weight_map: dict[str, str] = {}
+    n_shards = n_layers + 1
+    total_bytes = 0
+    t = time.monotonic()
+    for i in range(n_layers):
+        _materialize(layers[i], f"model.layers.{i}.", source, device, f"model.layers.{i}")
+        scope = _Scope({f"model.layers.{i}": layers[i]}, config)
+        hidden = _calibrate_layer(scope, i, cfg, hidden, calls)
+        # ModelOpt may swap a module for its quantized class: keep the skeleton's the same.
+        layers[i] = scope.get_submodule(f"model.layers.{i}")
+        tensors = _export_layer(scope, i, mo, calls)
+        name = SHARD_NAME.format(i + 2, n_shards)
+        _save(tensors, export_dir / name, export_dir)
+        total_bytes += sum(v.nbytes for v in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors, scope
+        _release(layers[i])
+        if on_layer is not None:
+            on_layer(i + 1, n_layers)
+    hidden.free()
+    if spill_dir is not None:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+    timings["layers"] = round(time.monotonic() - t, 3)
+
+    # Embeddings, final norm, lm_head: not quantized (ModelOpt disables nn.Embedding and
+    # lm_head), written in BF16 as read, after ModelOpt converts them so that
+    # get_quant_config lists them in exclude_modules as it does for the whole model.
+    head_names = ["model.embed_tokens", "model.norm", *([] if tied else ["lm_head"])]
+    head = _Scope({"model.embed_tokens": inner.embed_tokens, "lm_head": model.lm_head}, config)
+    _quantize_scope_without_data(head, cfg)
+    inner.embed_tokens = head.get_submodule("model.embed_tokens")
+    model.lm_head = head.get_submodule("lm_head")
+    keys = [k for k in source.file_of if k.startswith(HEAD_PREFIXES)]
+    keys = [k for k in keys if any(k.startswith(n + ".") for n in head_names)]
+    head_tensors = {k: v.to(torch.bfloat16) for k, v in source.read(keys).items()}
+    name = SHARD_NAME.format(1, n_shards)
+    _save(head_tensors, export_dir / name, export_dir)
+    total_bytes += sum(v.nbytes for v in head_tensors.values())
+    weight_map.update(dict.fromkeys(head_tensors, name))
+    del head_tensors
+
+    quant_config = mo.get_quant_config(model)
+    index = {
+        "metadata": {"total_size": total_bytes},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (export_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config.dtype = torch.bfloat16
+    model.config.dtype = torch.bfloat16
+    model.config.save_pretrained(str(export_dir))
+    # The source's generation_config.json, as from_pretrained would have read it.
+    with contextlib.suppress(OSError, ValueError):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(source_dir)
+    mo.sanitize_generation_config(model)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        with contextlib.suppress(Exception):
+            generation_config.save_pretrained(str(export_dir))
+    mo.write_export_config(model, quant_config, export_dir)
+    return LayerwiseResult(quant_config, n_layers, spill, 2 * n_bytes, timings)
+
+
+def _quantize_scope_without_data(scope: _Scope, cfg: dict[str, Any]) -> None:
+    """ModelOpt's conversion alone (no calibration): for modules that stay unquantized."""
+    from modelopt.torch.opt import apply_mode
+    from modelopt.torch.quantization.mode import QuantizeModeRegistry
+
+    apply_mode(scope, mode=[("quantize", dict(cfg))], registry=QuantizeModeRegistry)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, export_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise JobError(f"the disk under {export_dir.parent} is full; free space") from None
+        raise
