@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors import safe_open
 
 from nvfp4_common.jobs import JobSpec, QuantFormat
+from nvfp4_common.recipes import QualityTarget
 from nvfp4_common.settings import Settings
-from nvfp4_worker import memory, pipeline
+from nvfp4_worker import memory, pipeline, search
 from nvfp4_worker.errors import JobError
 from nvfp4_worker.reporter import PrintReporter
 from tests.fixtures import models, text
@@ -246,6 +249,121 @@ def test_existing_output_and_disk_space(settings: Settings, workspace: dict[str,
     with pytest.raises(JobError, match="not enough disk space"):
         pipeline.run(tiny_spec(workspace, output_name="other"), greedy, PrintReporter(), "job-y")
     assert [p.name for p in settings.models_dir.iterdir()] == ["tiny-out"]
+
+
+# --- quality targets: the recipe ladder and the layers kept in BF16 --------------------
+
+
+@pytest.fixture(scope="module")
+def searched(workspace: dict[str, Path]) -> dict[str, Any]:
+    """A job whose target (KL 1e-9) nothing keeps, so the search tries everything it can:
+    both recipes of the ladder with every layer quantized, then one layer kept. A spy on
+    `search.judge` (the real one still runs) records each candidate's numbers."""
+    models_dir = workspace["root"] / "searched-models"
+    models_dir.mkdir()
+    settings = Settings(
+        models_dir=models_dir,
+        model_roots=[workspace["src"]],
+        hf_cache_dir=workspace["root"] / "hub",
+        hf_offline=True,
+        device="cpu",
+        min_free_disk_gb=0.01,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    seen: list[search.Candidate] = []
+    real_judge = search.judge
+
+    def spy(c: search.Candidate, target: QualityTarget) -> search.Candidate:
+        seen.append(c)
+        return real_judge(c, target)
+
+    spec = tiny_spec(workspace, target=QualityTarget(max_kl=1e-9), output_name="unreachable")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(search, "judge", spy)
+        with pytest.raises(JobError) as err:
+            pipeline.run(spec, settings, PrintReporter(), "job-search")
+    unique = {(c.recipe, c.kept): c for c in seen}
+    return {"error": str(err.value), "candidates": list(unique.values()), "settings": settings}
+
+
+def test_unreachable_target_fails_naming_the_target_and_the_closest(
+    searched: dict[str, Any],
+) -> None:
+    message = searched["error"]
+    assert "\n" not in message
+    assert message.startswith("no candidate keeps the target (KL 1e-09 at most)")
+    candidates = searched["candidates"]
+    assert {(c.recipe, len(c.kept)) for c in candidates} == {
+        ("nvfp4", 0),
+        ("nvfp4-4over6", 0),
+        ("nvfp4", 1),  # or the other recipe, if it came closer (then recalibrated)
+    } or {(c.recipe, len(c.kept)) for c in candidates} == {
+        ("nvfp4", 0),
+        ("nvfp4-4over6", 0),
+        ("nvfp4-4over6", 1),
+    }
+    closest = min(candidates, key=lambda c: (c.kl, c.perplexity))
+    assert f"the closest was {closest.describe()}" in message
+    assert "3 tried" in message
+    models_dir = searched["settings"].models_dir
+    assert list(models_dir.iterdir()) == []  # no output, no staging folder
+
+
+def test_unreachable_within_a_size_budget_keeps_no_layer(
+    searched: dict[str, Any], workspace: dict[str, Path], settings: Settings
+) -> None:
+    all_quantized = next(c for c in searched["candidates"] if not c.kept)
+    budget = (all_quantized.size_bytes + 1) / 1e9  # one kept layer no longer fits
+    spec = tiny_spec(workspace, target=QualityTarget(max_kl=1e-9, max_size_gb=budget))
+    with pytest.raises(JobError) as err:
+        pipeline.run(spec, settings, PrintReporter(), "job-budget")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"no candidate keeps the target (KL 1e-09 at most, {budget:g} GB")
+    assert "0 layers in BF16" in message and "2 tried" in message
+    assert list(settings.models_dir.iterdir()) == []
+
+
+def test_reachable_target_keeps_layers_and_publishes(
+    searched: dict[str, Any], workspace: dict[str, Path], settings: Settings
+) -> None:
+    from huggingface_hub import ModelCard
+
+    candidates = searched["candidates"]
+    every_layer = min(c.kl for c in candidates if not c.kept)
+    kept_one = min(c.kl for c in candidates if c.kept)
+    assert kept_one < every_layer, "keeping the most sensitive layer must lower the KL"
+    max_kl = math.sqrt(kept_one * every_layer)  # between the two: only keeping a layer holds
+    spec = tiny_spec(workspace, target=QualityTarget(max_kl=max_kl))
+
+    result = pipeline.run(spec, settings, PrintReporter(), "job-target")
+
+    out = settings.models_dir / "tiny-out"
+    assert sorted(p.name for p in settings.models_dir.iterdir()) == ["tiny-out"]
+    report = json.loads((out / "report.json").read_text())
+    rows = report["search"]["candidates"]
+    assert report["search"]["target"] == {"max_kl": max_kl}
+    assert len(rows) == 3 and [r["meets"] for r in rows] == [False, False, True]
+    assert all(r["why_not"] == f"KL above {max_kl:g}" for r in rows[:2])
+    assert set(report["search"]["sensitivity"]) == {"model.layers.0", "model.layers.1"}
+    kept = report["kept_layers"]
+    assert len(kept) == 1 and kept == rows[-1]["kept"] == result.kept_layers
+    assert result.kl is not None and result.kl <= max_kl
+    assert report["evaluation"]["kl"] == result.kl and result.recipe == report["recipe"]
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    for linear in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert any(fnmatch(f"{kept[0]}.{linear}", p) for p in quant["exclude_modules"]), linear
+    t = tensors(out)
+    assert t[f"{kept[0]}.mlp.down_proj.weight"][0] == "BF16"
+    other = ({"model.layers.0", "model.layers.1"} - set(kept)).pop()
+    assert t[f"{other}.mlp.down_proj.weight"][0] == "U8"  # the other layer is NVFP4
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model_relation == "quantized"
+    assert card.data.base_model == "tiny-qwen3"  # a local folder is named, not its path
+    assert "## Quality target search" in card.text and f"- `{kept[0]}`" in card.text
+    section = card.text.split("## Quality target search")[1].split("\n## ")[0]
+    rows_in_card = [line for line in section.splitlines() if line.startswith("| nvfp4")]
+    assert len(rows_in_card) == 3 and rows_in_card[-1].endswith("| yes |")
 
 
 @pytest.mark.slow
