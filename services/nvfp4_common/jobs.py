@@ -101,6 +101,11 @@ class JobSpec(BaseModel):
         description="Quality (and size) the checkpoint must keep; the worker searches for the"
         " smallest candidate that keeps it.",
     )
+    layerwise: bool = Field(
+        False,
+        description="Quantize one decoder layer at a time (memory bounded by a layer, not the"
+        " model); the worker also chooses it when the whole model does not fit.",
+    )
 
     @field_validator("recipe")
     @classmethod
@@ -113,6 +118,11 @@ class JobSpec(BaseModel):
     def _target_is_measurable(self) -> JobSpec:
         if self.recipe is not None and self.format is QuantFormat.FP8:
             raise ValueError("recipe: recipes are NVFP4 calibrations; FP8 takes none")
+        if self.layerwise and self.target is not None:
+            raise ValueError(
+                "layerwise: the quality-target search needs the whole model; drop the target"
+                " or layer-by-layer mode"
+            )
         if self.target is not None and self.target.has_quality and self.eval_samples == 0:
             raise ValueError(
                 "eval_samples: a quality target is measured on held-out text; set"

@@ -190,6 +190,10 @@ def kv_bytes_per_value(fmt: str) -> int:
 # -- peak memory of a quantization job ---------------------------------------------------
 
 RUNTIME_BYTES = 2 * GIB
+# Tokens per calibration forward batch (nvfp4_worker.calibration): keeps activation
+# memory flat whatever the sequence length; a layer-by-layer job that spills its
+# activations holds one such batch of them at a time.
+CALIB_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -236,10 +240,8 @@ def whole_model_peak(params: int, compute_dtype: str, weights_in_host: bool) -> 
     one that decides: with two rules, the estimate said "fits" for jobs (a 32B model with
     85-93 GiB free) that the worker then refused.
 
-    A layer-by-layer rule (one decoder layer in the compute dtype plus the calibration
-    activations, for quantizing models larger than memory) belongs beside this one as
-    another function returning a PeakMemory with its own `rule`; callers pick by the
-    job's mode.
+    The layer-by-layer rule for models larger than memory is layerwise_peak, beside
+    this one; callers pick by the job's mode.
     """
     try:
         itemsize = COMPUTE_DTYPE_BYTES[compute_dtype]
@@ -248,3 +250,76 @@ def whole_model_peak(params: int, compute_dtype: str, weights_in_host: bool) -> 
     bf16 = KEPT_BYTES_PER_PARAM * params
     weights = params * itemsize if weights_in_host else 0
     return PeakMemory("whole-model", weights, bf16 // 2, RUNTIME_BYTES, compute_dtype)
+
+
+# -- layer by layer ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """What the layer-by-layer rule needs from a checkpoint's tensor list."""
+
+    largest_layer_params: int  # the biggest decoder layer (model.layers.N.*)
+    embedding_params: int  # model.embed_tokens: materialized once to embed the text
+    head_bf16_bytes: int  # embeddings, final norm and lm_head, written together in BF16
+    hidden: int
+
+
+def layer_sizes(tensors: Iterable[tuple[str, Sequence[int]]]) -> LayerSizes:
+    """LayerSizes from (name, shape) of every tensor (safetensors headers or a config)."""
+    layers: dict[str, int] = {}
+    embedding = head = hidden = 0
+    for name, shape in tensors:
+        numel = math.prod(shape)
+        if name.startswith("model.layers."):
+            index = name.split(".")[2]
+            layers[index] = layers.get(index, 0) + numel
+        else:
+            head += KEPT_BYTES_PER_PARAM * numel
+            if name == "model.embed_tokens.weight" and len(shape) == 2:
+                embedding, hidden = numel, int(shape[1])
+    return LayerSizes(max(layers.values(), default=0), embedding, head, hidden)
+
+
+def activation_bytes(samples: int, seq_len: int, hidden: int, compute_dtype: str) -> int:
+    """The calibration hidden states of one layer boundary: samples x seq_len x hidden."""
+    return samples * seq_len * hidden * COMPUTE_DTYPE_BYTES[compute_dtype]
+
+
+def layerwise_peak(
+    sizes: LayerSizes,
+    calib_samples: int,
+    calib_seq_len: int,
+    compute_dtype: str,
+    weights_in_host: bool,
+    spill: bool = False,
+) -> PeakMemory:
+    """Peak host memory of quantizing one decoder layer at a time (nvfp4_worker.layerwise).
+
+        need = W (the largest of one decoder layer and the embedding matrix, in the
+               compute dtype, where it sits in host memory)
+             + A (the calibration activations, a layer's inputs and its outputs:
+               2 x samples x seq_len x hidden in the compute dtype; spilled to disk, one
+               calibration batch of each)
+             + the largest shard being written (embeddings, norm and lm_head in BF16,
+               or one layer read in BF16 and written quantized: about 2.6 bytes per
+               parameter, whichever is larger)
+             + 2 GiB (torch, ModelOpt, the CUDA context, tokenizer, calibration text)
+
+    The activations always sit in host memory (one batch at a time goes to a GPU), so on
+    a discrete GPU W counts as 0 here and the GPU holds one layer, one batch and the
+    embedding matrix while the text is embedded.
+    """
+    try:
+        itemsize = COMPUTE_DTYPE_BYTES[compute_dtype]
+    except KeyError:
+        raise ValueError(f"unknown compute dtype {compute_dtype!r}") from None
+    resident = max(sizes.largest_layer_params, sizes.embedding_params)
+    weights = resident * itemsize if weights_in_host else 0
+    acts = 2 * activation_bytes(calib_samples, calib_seq_len, sizes.hidden, compute_dtype)
+    if spill:  # one calibration batch of inputs and one of outputs
+        acts = min(acts, 2 * max(CALIB_BATCH_TOKENS, calib_seq_len) * sizes.hidden * itemsize)
+    # A layer is read in BF16 (2 bytes a parameter) while its quantized tensors (about
+    # 0.6 bytes a parameter in NVFP4) are written.
+    writing = max(sizes.head_bf16_bytes, int(2.6 * sizes.largest_layer_params))
+    return PeakMemory("layerwise", weights, acts + writing, RUNTIME_BYTES, compute_dtype)

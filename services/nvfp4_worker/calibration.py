@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 
+from nvfp4_common.sizing import CALIB_BATCH_TOKENS
 from nvfp4_worker.errors import JobError
 from nvfp4_worker.sources import DATASET_DEFAULTS, CalibSource
 
 # Characters tokenized at a time: big enough for a fast tokenizer to be efficient, small
 # enough that we stop close to the tokens we need.
 _CHUNK_CHARS = 200_000
-# Tokens per forward batch: keeps activation memory flat whatever the sequence length.
-BATCH_TOKENS = 4096
+# Tokens per forward batch (the rule's home is nvfp4_common.sizing).
+BATCH_TOKENS = CALIB_BATCH_TOKENS
 
 
 @dataclass

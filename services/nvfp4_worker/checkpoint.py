@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from nvfp4_common.jobs import QuantFormat
-from nvfp4_common.sizing import estimate_checkpoint
+from nvfp4_common.sizing import LayerSizes, estimate_checkpoint
+from nvfp4_common.sizing import layer_sizes as _layer_sizes
 from nvfp4_worker.errors import JobError
 
 # safetensors dtype names as a model card says them.
@@ -83,6 +84,12 @@ def estimate_output_bytes(path: Path, fmt: QuantFormat, exclude: list[str]) -> i
     (embeddings, norms, lm_head, MoE routers, --exclude'd modules) is written as BF16."""
     shapes = [(name, shape) for name, shape, _ in _tensors(path)]
     return estimate_checkpoint(shapes, fmt.value, exclude).output_bytes
+
+
+def layer_sizes(path: Path) -> LayerSizes:
+    """The largest decoder layer, the embeddings and the head, from the headers: what
+    the layer-by-layer memory rule (nvfp4_common.sizing.layerwise_peak) needs."""
+    return _layer_sizes((name, shape) for name, shape, _ in _tensors(path))
 
 
 def weights_dtype(path: Path) -> str | None:

@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 
 from nvfp4_common.meminfo import MEMINFO, parse_meminfo, read_meminfo
-from nvfp4_common.sizing import PeakMemory, gib, whole_model_peak
+from nvfp4_common.sizing import (
+    LayerSizes,
+    PeakMemory,
+    activation_bytes,
+    gib,
+    layerwise_peak,
+    whole_model_peak,
+)
 from nvfp4_worker.errors import JobError
 
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
@@ -133,3 +140,68 @@ def check(model: str, need: PeakMemory, have: Room) -> str:
         f" {' and '.join(what)}, or quantize a smaller model"
         " (NVFP4_WORKER_MEMORY_PREFLIGHT=false skips this check)"
     )
+
+
+def activation_budget(base: PeakMemory, have: Room) -> int | None:
+    """Bytes the calibration activations of a layer-by-layer job may keep in memory: what
+    is usable beyond `base`, the job's need without them (None: no limit known)."""
+    usable = have.usable
+    return None if usable is None else max(0, usable - base.total)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Whole model or layer by layer, and the log line that says why."""
+
+    layerwise: bool
+    note: str
+    activation_budget: int | None = None
+
+
+def choose_mode(
+    model: str,
+    whole: PeakMemory,
+    sizes: LayerSizes,
+    calib: tuple[int, int],
+    compute_dtype: torch.dtype,
+    in_host: bool,
+    have: Room,
+    *,
+    requested: bool,
+    can_switch: bool = True,
+) -> Mode:
+    """The job's mode: layer by layer when asked (`requested`), or when the whole model
+    does not fit but one layer at a time does (unless `can_switch` is False, e.g. a job
+    with a quality target, whose search needs the whole model). JobError when neither
+    fits."""
+    dtype = str(compute_dtype).removeprefix("torch.")
+    samples, seq_len = calib
+
+    def layered() -> Mode:
+        budget = activation_budget(layerwise_peak(sizes, 0, seq_len, dtype, in_host), have)
+        spill = (
+            budget is not None
+            and 2 * activation_bytes(samples, seq_len, sizes.hidden, dtype) > budget
+        )
+        need = layerwise_peak(sizes, samples, seq_len, dtype, in_host, spill=spill)
+        line = check(model, need, have)
+        how = "activations spilled to disk" if spill else "activations in memory"
+        return Mode(True, f"{line}; layer by layer, {how}", budget)
+
+    if requested:
+        return layered()
+    try:
+        return Mode(False, check(model, whole, have))
+    except JobError as refused:
+        if not can_switch:
+            raise
+        try:
+            mode = layered()
+        except JobError:
+            raise refused from None
+        return Mode(
+            True,
+            f"the whole model needs about {gib(whole.total)}, more than this worker may use:"
+            f" quantizing layer by layer ({mode.note})",
+            mode.activation_budget,
+        )
