@@ -29,6 +29,7 @@ from nvfp4_worker import (
     checkpoint,
     cpu_ops,
     evaluate,
+    layerwise_job,
     memory,
     modelcard,
     publish,
@@ -63,6 +64,8 @@ class _Plan:
     estimate_bytes: int
     source_dtype: str | None = None  # of the source weights, for the model card
     memory_note: str = ""  # the memory check's numbers, for the job's log
+    layerwise: bool = False  # one decoder layer at a time (layerwise_job.py)
+    activation_budget: int | None = None  # bytes of activations kept in memory, layerwise
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -157,13 +160,40 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
     need = memory.estimate(
         info.source_bytes, source_dtype, dtype, memory.weights_in_host_memory(device)
     )
-    note = (
-        memory.check(spec.model, need, memory.room())
+    # A model that does not fit whole is quantized layer by layer (layerwise.py), if that
+    # fits; a job with a quality target is not switched (its search needs the model).
+    mode = (
+        memory.choose_mode(
+            spec.model,
+            need,
+            checkpoint.layer_sizes(source.path),
+            (spec.calib_samples, spec.calib_seq_len),
+            dtype,
+            memory.weights_in_host_memory(device),
+            memory.room(),
+            requested=spec.layerwise,
+            can_switch=spec.target is None,
+        )
         if settings.worker_memory_preflight
-        else f"memory: needs about {memory.gib(need.total)}; not checked (preflight off)"
+        else memory.Mode(
+            spec.layerwise,
+            f"memory: needs about {memory.gib(need.total)}; not checked (preflight off)",
+        )
     )
     return _Plan(
-        spec, job_id, final, source, info, calib, device, dtype, estimate, source_dtype, note
+        spec,
+        job_id,
+        final,
+        source,
+        info,
+        calib,
+        device,
+        dtype,
+        estimate,
+        source_dtype,
+        mode.note,
+        layerwise=mode.layerwise,
+        activation_budget=mode.activation_budget,
     )
 
 
@@ -186,6 +216,8 @@ def _load(plan: _Plan) -> tuple[Any, torch.nn.Module]:
 
 
 def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
+    if plan.layerwise:
+        return layerwise_job.execute(plan, reporter, staging)
     spec, device, timings = plan.spec, plan.device, plan.timings
 
     def timed(key: str, t0: float) -> None:
