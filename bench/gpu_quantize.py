@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def one_run(args: argparse.Namespace) -> None:
     """Child process: one pipeline run; prints one JSON line prefixed RESULT."""
     from nvfp4_common.jobs import JobSpec, QuantFormat
+    from nvfp4_common.recipes import QualityTarget
     from nvfp4_common.settings import Settings
+    from nvfp4_worker.errors import JobError
     from nvfp4_worker.pipeline import run
     from nvfp4_worker.reporter import PrintReporter
 
@@ -46,10 +48,23 @@ def one_run(args: argparse.Namespace) -> None:
         calib_samples=args.one,
         calib_seq_len=args.seq_len,
         eval_samples=args.eval_samples,
-        output_name=f"{args.model.name.removesuffix('-bf16')}-nvfp4-c{args.one}",
+        output_name=f"{args.model.name.removesuffix('-bf16')}-nvfp4-c{args.one}"
+        + ("-target" if args.max_kl else ""),
+        target=QualityTarget(max_kl=args.max_kl) if args.max_kl else None,
     )
     t0 = time.monotonic()
-    result = run(spec, settings, PrintReporter(), job_id=f"gpu-bench-{args.one}")
+    try:
+        result = run(spec, settings, PrintReporter(), job_id=f"gpu-bench-{args.one}")
+    except JobError as exc:  # a target no candidate keeps: the search's whole cost
+        row_failed = {
+            "calib_samples": args.one,
+            "seq_len": args.seq_len,
+            "target_max_kl": args.max_kl,
+            "wall_s": round(time.monotonic() - t0, 2),
+            "error": str(exc),
+        }
+        print("RESULT " + json.dumps(row_failed), flush=True)
+        return
     wall = time.monotonic() - t0
     report = json.loads((Path(result.output_path) / "report.json").read_text())
     out = Path(result.output_path)
@@ -72,6 +87,11 @@ def one_run(args: argparse.Namespace) -> None:
         "perplexity_quant": report["evaluation"]["perplexity_quant"],
         "versions": report["versions"],
         "output_path": result.output_path,
+        "target_max_kl": args.max_kl,
+        "kl": report["evaluation"].get("kl"),
+        "recipe": report.get("recipe"),
+        "kept_layers": report.get("kept_layers", []),
+        "candidates": report.get("search", {}).get("candidates", []),
     }
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -86,8 +106,9 @@ def sweep(args: argparse.Namespace) -> None:
         # grows with n; guess from the last run and skip what would not finish.
         if rows:
             last = rows[-1]
-            fixed = last["wall_s"] - last["timings_s"].get("calibrate", 0.0)
-            guess = fixed + last["timings_s"].get("calibrate", 0.0) * n / last["calib_samples"]
+            timings = last.get("timings_s", {})
+            fixed = last["wall_s"] - timings.get("calibrate", 0.0)
+            guess = fixed + timings.get("calibrate", 0.0) * n / last["calib_samples"]
             if guess * 1.15 > left:
                 skipped.append(
                     {"calib_samples": n, "reason": f"needs ~{guess:.0f} s, {left:.0f} s left"}
@@ -97,6 +118,8 @@ def sweep(args: argparse.Namespace) -> None:
         cmd += ["--model", str(args.model), "--calib", str(args.calib)]
         cmd += ["--models-dir", str(args.models_dir), "--seq-len", str(args.seq_len)]
         cmd += ["--eval-samples", str(args.eval_samples), "--device", args.device]
+        if args.max_kl:
+            cmd += ["--max-kl", str(args.max_kl)]
         print(f"== calib_samples {n} ({left:.0f} s left)", flush=True)
         try:
             proc = subprocess.run(
@@ -115,7 +138,9 @@ def sweep(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
         print("\n".join(proc.stderr.splitlines()[-12:]), flush=True)
         rows.append(row)
-        if k > 0:  # keep only the first checkpoint: the serving benchmarks use it
+        if (
+            k > 0 and "output_path" in row
+        ):  # keep only the first checkpoint: the serving benchmarks use it
             shutil.rmtree(row["output_path"], ignore_errors=True)
         write(args.out, rows, skipped)
     write(args.out, rows, skipped)
@@ -138,6 +163,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--deadline-s", type=float, default=480)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/gpu_quantize.json")
+    parser.add_argument(
+        "--max-kl", type=float, help="a quality target (KL): the job runs the target search"
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
