@@ -1,0 +1,339 @@
+"""Layer-by-layer quantization (nvfp4_worker.layerwise) against the whole-model job.
+
+Real ModelOpt on CPU, real vLLM (CPU build, .venv-serve) for the serving check. The
+layer-by-layer export must be the whole-model export: the same keys, dtypes and shapes,
+every tensor bit-for-bit equal (packed E2M1 weights, FP8 block scales, the FP32
+weight_scale_2 and input_scale: no tolerance is needed, both paths run the same CPU
+kernels on the same activations), and equal hf_quant_config.json, config.json and
+generation_config.json.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from devkit.serve_cluster import SERVE_PYTHON, serve_env_available
+from nvfp4_common.jobs import JobSpec, QuantFormat, Stage
+from nvfp4_common.settings import Settings
+from nvfp4_worker import calibration, cpu_ops, layerwise, pipeline, quantize, sources
+from nvfp4_worker.errors import JobError
+from nvfp4_worker.reporter import PrintReporter
+from tests.fixtures import models, text
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    src = tmp_path_factory.mktemp("layerwise")
+    tiny = models.make_tiny_qwen3(src / "tiny-qwen3")
+    calib = text.write_text_file(src / "plays.txt", 120_000)
+    return {"src": src, "tiny": tiny, "calib": calib}
+
+
+def make_settings(workspace: dict[str, Path], models_dir: Path) -> Settings:
+    models_dir.mkdir(exist_ok=True)
+    return Settings(
+        models_dir=models_dir,
+        model_roots=[workspace["src"], models.SMOLLM2_CACHE.parent],
+        hf_offline=True,
+        device="cpu",
+        min_free_disk_gb=0.01,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+def spec(model: Path, calib: Path, name: str, **overrides: object) -> JobSpec:
+    values: dict[str, object] = {
+        "model": str(model),
+        "calib_dataset": str(calib),
+        "calib_samples": 8,
+        "calib_seq_len": 128,
+        "eval_samples": 0,
+        "output_name": name,
+    }
+    values.update(overrides)
+    return JobSpec(**values)  # type: ignore[arg-type]
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                out[key] = handle.get_tensor(key)
+    return out
+
+
+def assert_same_checkpoint(whole: Path, layered: Path) -> int:
+    a, b = read_tensors(whole), read_tensors(layered)
+    assert sorted(a) == sorted(b)
+    for key, x in a.items():
+        y = b[key]
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
+        # Bit-for-bit: FP8/uint8 compared as bytes, so NaN patterns count too.
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), key
+    for name in ("hf_quant_config.json", "config.json", "generation_config.json"):
+        assert json.loads((whole / name).read_text()) == json.loads((layered / name).read_text())
+    return len(a)
+
+
+def quantize_both(
+    workspace: dict[str, Path], tmp_path: Path, model: Path, fmt: QuantFormat = QuantFormat.NVFP4
+) -> tuple[Path, Path]:
+    settings = make_settings(workspace, tmp_path / "models")
+    whole = pipeline.run(
+        spec(model, workspace["calib"], "whole", format=fmt), settings, PrintReporter(), "j-w"
+    )
+    layered = pipeline.run(
+        spec(model, workspace["calib"], "layered", format=fmt, layerwise=True),
+        settings,
+        PrintReporter(),
+        "j-l",
+    )
+    return Path(whole.output_path), Path(layered.output_path)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat.NVFP4, QuantFormat.NVFP4_FP8_KV])
+def test_tiny_layerwise_export_equals_whole_model(
+    workspace: dict[str, Path], tmp_path: Path, fmt: QuantFormat
+) -> None:
+    whole, layered = quantize_both(workspace, tmp_path, workspace["tiny"], fmt)
+    n = assert_same_checkpoint(whole, layered)
+    assert n > 0
+    report = json.loads((layered / "report.json").read_text())
+    assert report["mode"] == "layerwise"
+    assert report["layerwise"]["layers"] == 2
+    assert (layered / "model.safetensors.index.json").exists()
+    assert not list(layered.rglob(".spill"))
+    if fmt is QuantFormat.NVFP4_FP8_KV:
+        assert "model.layers.0.self_attn.k_proj.k_scale" in read_tensors(layered)
+
+
+def test_spilled_activations_give_the_same_checkpoint(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    whole, _ = quantize_both(workspace, tmp_path, workspace["tiny"])
+    out = tmp_path / "spilled"
+    out.mkdir()
+    seen: list[list[str]] = []
+
+    def on_layer(done: int, total: int) -> None:
+        seen.append(sorted(p.name for p in (out / ".spill").iterdir()))
+
+    run_direct(workspace, out, activation_budget=0, on_layer=on_layer)
+    # Between layers only the next layer's inputs are on disk: one file per batch.
+    assert seen and all(len(names) == 1 for names in seen), seen
+    assert not (out / ".spill").exists()
+    assert_same_checkpoint(whole, out)
+
+
+def run_direct(
+    workspace: dict[str, Path], out: Path, model: Path | None = None, **kwargs: object
+) -> layerwise.LayerwiseResult:
+    from transformers import AutoTokenizer
+
+    cpu_ops.install()
+    model = model or workspace["tiny"]
+    settings = make_settings(workspace, out.parent / "models-direct")
+    calib = sources.resolve_calibration(str(workspace["calib"]), settings)
+    windows = calibration.build_windows(AutoTokenizer.from_pretrained(model), calib, 8, 0, 128)
+    return layerwise.quantize_layerwise(
+        model,
+        str(model),
+        windows.calib,
+        quantize.build_config(QuantFormat.NVFP4, []),
+        out,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batches=calibration.batches(windows.calib, 128),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_tied_embeddings_layerwise_equals_whole_model(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    whole, layered = quantize_both(workspace, tmp_path, models.make_smollm2())
+    assert_same_checkpoint(whole, layered)
+    assert "lm_head.weight" not in read_tensors(layered)  # tied: stored once
+
+
+_VLLM = """
+import json, os, sys
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=256, dtype="bfloat16")
+res = llm.generate(["The history of the sea is"], SamplingParams(max_tokens=8, temperature=0,
+                                                                 ignore_eos=True))
+print("RESULT " + json.dumps({"tokens": len(res[0].outputs[0].token_ids),
+                              "quantization": llm.llm_engine.vllm_config.model_config.quantization}))
+"""
+
+
+@pytest.mark.skipif(not serve_env_available(), reason="needs .venv-serve (make install-serve)")
+def test_vllm_serves_the_layerwise_export(workspace: dict[str, Path], tmp_path: Path) -> None:
+    settings = make_settings(workspace, tmp_path / "models")
+    result = pipeline.run(
+        spec(workspace["tiny"], workspace["calib"], "served", layerwise=True),
+        settings,
+        PrintReporter(),
+        "j-served",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NVFP4_")}
+    out = subprocess.run(
+        [str(SERVE_PYTHON), "-c", _VLLM, result.output_path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    got = json.loads(line[7:])
+    assert got["tokens"] == 8
+    assert got["quantization"] == "modelopt_fp4"
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def sharded_copy(model: Path, dest: Path) -> Path:
+    """The tiny model with one shard per decoder layer and an index, as big models ship."""
+    shutil.copytree(model, dest)
+    tensors = read_tensors(model)
+    (dest / "model.safetensors").unlink()
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        part = key.split(".")[2] if key.startswith("model.layers.") else "head"
+        groups.setdefault(part, {})[key] = tensor
+    weight_map = {}
+    for n, (part, group) in enumerate(sorted(groups.items()), start=1):
+        name = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
+        save_file(group, str(dest / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, name))
+        if part == "1":
+            (dest / "layer1-shard").write_text(name)
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return dest
+
+
+def assert_failed_cleanly(settings: Settings) -> None:
+    assert list(settings.models_dir.iterdir()) == []  # no output, no staging, no spill
+
+
+def test_missing_shard_mid_model_fails_in_one_line(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    model = sharded_copy(workspace["tiny"], workspace["src"] / "sharded-missing")
+    (model / (model / "layer1-shard").read_text()).unlink()
+    settings = make_settings(workspace, tmp_path / "models")
+    with pytest.raises(JobError) as err:
+        pipeline.run(
+            spec(model, workspace["calib"], "x", layerwise=True), settings, PrintReporter(), "j-m"
+        )
+    message = str(err.value)
+    assert "\n" not in message
+    assert "shard" in message and "missing" in message, message
+    assert_failed_cleanly(settings)
+
+
+def test_layer_that_does_not_match_the_config_fails_in_one_line(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    model = sharded_copy(workspace["tiny"], workspace["src"] / "sharded-bad-shape")
+    shard = model / (model / "layer1-shard").read_text()
+    tensors = read_tensors(model)
+    group = {k: v for k, v in tensors.items() if k.startswith("model.layers.1.")}
+    key = "model.layers.1.mlp.up_proj.weight"
+    group[key] = group[key][:-16].clone()
+    save_file(group, str(shard), metadata={"format": "pt"})
+    settings = make_settings(workspace, tmp_path / "models")
+    with pytest.raises(JobError) as err:
+        pipeline.run(
+            spec(model, workspace["calib"], "x", layerwise=True), settings, PrintReporter(), "j-s"
+        )
+    message = str(err.value)
+    assert "\n" not in message and key in message and "config.json" in message, message
+    assert_failed_cleanly(settings)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class CancelAfterFirstLayer(PrintReporter):
+    def progress(self, stage: Stage, fraction: float = 0.0, message: str = "") -> None:
+        if message.startswith("layer 1/"):
+            raise _Cancelled  # as RedisReporter does for a cancelled job
+        super().progress(stage, fraction, message)
+
+
+def test_cancel_between_layers_leaves_nothing(workspace: dict[str, Path], tmp_path: Path) -> None:
+    settings = make_settings(workspace, tmp_path / "models")
+    with pytest.raises(_Cancelled):
+        pipeline.run(
+            spec(workspace["tiny"], workspace["calib"], "x", layerwise=True),
+            settings,
+            CancelAfterFirstLayer(),
+            "j-c",
+        )
+    assert_failed_cleanly(settings)
+
+
+def test_disk_full_while_spilling_fails_in_one_line(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    def full(tensors: object, filename: str, metadata: object = None) -> None:
+        if "/.spill/" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise AssertionError("only spill files are written before the first layer")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(JobError) as err:
+        run_direct(workspace, out, activation_budget=0)
+    message = str(err.value)
+    assert "\n" not in message and "filled up" in message, message
+
+
+def test_auto_selected_when_the_whole_model_does_not_fit(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nvfp4_worker import memory
+
+    # A 2.5 GiB limit: the whole-model rule's fixed 2 GiB runtime plus the tiny model fit,
+    # so the "model" is made to need more by a larger compute estimate.
+    real = memory.estimate
+
+    def big(*args: object, **kw: object) -> object:
+        need = real(*args, **kw)  # type: ignore[arg-type]
+        return type(need)(need.rule, 64 * 2**30, need.working, need.runtime, need.compute_dtype)
+
+    monkeypatch.setattr(memory, "estimate", big)
+    monkeypatch.setattr(memory, "room", lambda: memory.Room(8 * 2**30, None))
+    settings = make_settings(workspace, tmp_path / "models")
+    logs: list[str] = []
+
+    class Log(PrintReporter):
+        def log(self, message: str) -> None:
+            logs.append(message)
+
+    result = pipeline.run(
+        spec(workspace["tiny"], workspace["calib"], "auto"), settings, Log(), "j-a"
+    )
+    report = json.loads((Path(result.output_path) / "report.json").read_text())
+    assert report["mode"] == "layerwise"
+    assert any("quantizing layer by layer" in line for line in logs), logs
