@@ -173,10 +173,11 @@ import json, os, sys
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=256, dtype="bfloat16")
-res = llm.generate(["The history of the sea is"], SamplingParams(max_tokens=8, temperature=0,
-                                                                 ignore_eos=True))
+params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+res = llm.generate(["The history of the sea is"], params)
+quantization = llm.llm_engine.vllm_config.model_config.quantization
 print("RESULT " + json.dumps({"tokens": len(res[0].outputs[0].token_ids),
-                              "quantization": llm.llm_engine.vllm_config.model_config.quantization}))
+                              "quantization": quantization}))
 """
 
 
