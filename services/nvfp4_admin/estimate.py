@@ -9,7 +9,7 @@ import click
 
 from nvfp4_admin.context import json_option
 from nvfp4_admin.output import emit_json, human_bytes, table
-from nvfp4_admin.sizing import checkpoint_sizes, memory_fit, read_config
+from nvfp4_admin.sizing import checkpoint_sizes, machine_fits, memory_fit, read_config
 from nvfp4_common.jobs import QuantFormat
 from nvfp4_common.sizing import GIB, gib
 
@@ -42,6 +42,20 @@ from nvfp4_common.sizing import GIB, gib
     show_default=True,
     help="GB (10^9 bytes) left to the OS and other processes.",
 )
+@click.option(
+    "--calib-samples",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="Calibration samples, for the layer-by-layer peak (a job's default).",
+)
+@click.option(
+    "--calib-seq-len",
+    type=click.IntRange(1),
+    default=2048,
+    show_default=True,
+    help="Tokens per calibration sample, for the layer-by-layer peak (a job's default).",
+)
 @json_option
 def estimate(
     model: Path,
@@ -49,6 +63,8 @@ def estimate(
     exclude: tuple[str, ...],
     memory_gb: float,
     reserve_gb: float,
+    calib_samples: int,
+    calib_seq_len: int,
     as_json: bool,
 ) -> None:
     """Predict checkpoint sizes, KV cache per token and whether MODEL fits in memory.
@@ -61,7 +77,9 @@ def estimate(
     sizes = checkpoint_sizes(shape, exclude)
     # Options take GB as machines are sold; every size below is in GiB.
     memory_gib, reserve_gib = memory_gb * 1e9 / GIB, reserve_gb * 1e9 / GIB
-    fit = memory_fit(shape, sizes, fmt, memory_gib, reserve_gib)
+    calib = (calib_samples, calib_seq_len)
+    fit = memory_fit(shape, sizes, fmt, memory_gib, reserve_gib, calib)
+    machines = machine_fits(shape, calib)
     on_disk = _weights_on_disk(model) if model.is_dir() else None
     report: dict[str, Any] = {
         "model": str(model),
@@ -79,6 +97,7 @@ def estimate(
         "weights_on_disk_bytes": on_disk,
         "already_quantized": bool(config.get("quantization_config")),
         "fit": fit.__dict__,
+        "machines": [m.__dict__ for m in machines],
     }
     if as_json:
         emit_json(report)
@@ -125,6 +144,12 @@ def estimate(
         f"  quantize: peak ~{fit.quantize_peak_gib:.1f} GiB"
         f" (BF16 model x 1.5 + 2 GiB, the worker's memory check) -> {verdict}"
     )
+    how = "activations spilled to disk" if fit.layerwise_spills else "activations in memory"
+    click.echo(
+        f"  quantize layer by layer: peak ~{fit.layerwise_peak_gib:.1f} GiB (one layer,"
+        f" {calib_samples} x {calib_seq_len} calibration tokens, {how})"
+        f" -> {'fits' if fit.layerwise_fits else 'DOES NOT FIT'}"
+    )
     click.echo(
         f"  serve: weights {fit.weights_gib:.1f} GiB; gpu_memory_utilization"
         f" {fit.gpu_memory_utilization:.2f} leaves {fit.kv_budget_gib:.1f} GiB of KV cache"
@@ -137,6 +162,17 @@ def estimate(
             f" ({fit.concurrent_sequences} full-length sequence(s) at once;"
             f" model limit {shape.max_positions or 'unknown'})"
         )
+
+    rows = [
+        (
+            m.machine,
+            f"{m.room_gib:.1f} GiB",
+            f"{m.whole_model_gib:.1f} GiB {'yes' if m.whole_model_fits else 'no'}",
+            f"{m.layerwise_gib:.1f} GiB {'yes' if m.layerwise_fits else 'no'}",
+        )
+        for m in machines
+    ]
+    click.echo(table(("can quantize on", "usable", "whole model", "layer by layer"), rows))
 
 
 def _weights_on_disk(folder: Path) -> int | None:

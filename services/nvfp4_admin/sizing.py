@@ -21,8 +21,11 @@ from nvfp4_common.errors import Nvfp4Error
 from nvfp4_common.sizing import (
     GIB,
     CheckpointEstimate,
+    PeakMemory,
     estimate_checkpoint,
     kv_bytes_per_value,
+    layer_sizes,
+    layerwise_peak,
     whole_model_peak,
 )
 from nvfp4_common.sizing import kv_bytes_per_token as _kv_bytes_per_token
@@ -179,12 +182,23 @@ def kv_bytes_per_token(shape: Shape, kv_bytes: int = 2) -> int:
     return shape.kv_bytes_per_token(kv_bytes)
 
 
+# Calibration the estimate assumes for the layer-by-layer peak: JobSpec's defaults.
+DEFAULT_CALIB = (512, 2048)
+# Machines `estimate` always answers for: (name, memory in GB as sold, GB left to the
+# rest of the system). A Spark's 128 GB are shared with the CPU and the OS; an 80 GB
+# card's memory is the GPU's own.
+MACHINES = (("DGX Spark 128 GB", 128.0, 10.0), ("80 GB GPU", 80.0, 0.0))
+
+
 @dataclass
 class Fit:
     memory_gib: float
     reserve_gib: float
     quantize_peak_gib: float
     quantize_fits: bool
+    layerwise_peak_gib: float
+    layerwise_spills: bool  # activations spilled to disk to fit
+    layerwise_fits: bool
     weights_gib: float
     gpu_memory_utilization: float
     kv_budget_gib: float
@@ -194,12 +208,20 @@ class Fit:
     serve_fits: bool
 
 
-def memory_fit(shape: Shape, sizes: Sizes, fmt: str, memory_gib: float, reserve_gib: float) -> Fit:
+def memory_fit(
+    shape: Shape,
+    sizes: Sizes,
+    fmt: str,
+    memory_gib: float,
+    reserve_gib: float,
+    calib: tuple[int, int] = DEFAULT_CALIB,
+) -> Fit:
     """Whether quantizing and serving fit in `memory_gib` (a Spark shares it with the CPU).
 
-    Quantizing: the worker's own preflight rule (nvfp4_common.sizing.whole_model_peak)
-    for a GPU that computes in BF16 out of host memory, so a model this says fits is one
-    the worker accepts. Serving: vLLM takes gpu_memory_utilization x memory for weights,
+    Quantizing: the worker's own preflight rules (nvfp4_common.sizing.whole_model_peak
+    and, layer by layer, layerwise_peak with `calib` = (samples, seq_len)) for a GPU that
+    computes in BF16 out of host memory, so a model this says fits is one the worker
+    accepts. Serving: vLLM takes gpu_memory_utilization x memory for weights,
     ~2 GiB + 5% of the weights for activations and graphs, and the rest for the KV cache.
     """
     quant_bytes = sizes.quant_bytes["fp8" if fmt == "fp8" else "nvfp4"]
@@ -213,11 +235,15 @@ def memory_fit(shape: Shape, sizes: Sizes, fmt: str, memory_gib: float, reserve_
     limit = shape.max_positions or kv_tokens
     step = 1024 if min(limit, kv_tokens) >= 1024 else 16
     max_len = min(limit, kv_tokens) // step * step
+    lw_peak, spills = layerwise_fit(shape, memory_gib - reserve_gib, calib)
     return Fit(
         memory_gib=memory_gib,
         reserve_gib=reserve_gib,
         quantize_peak_gib=peak_gib,
         quantize_fits=peak_gib <= memory_gib - reserve_gib,
+        layerwise_peak_gib=lw_peak.total / GIB,
+        layerwise_spills=spills,
+        layerwise_fits=lw_peak.total / GIB <= memory_gib - reserve_gib,
         weights_gib=weights,
         gpu_memory_utilization=util,
         kv_budget_gib=max(0.0, budget),
@@ -226,3 +252,52 @@ def memory_fit(shape: Shape, sizes: Sizes, fmt: str, memory_gib: float, reserve_
         concurrent_sequences=kv_tokens // max_len if max_len else 0,
         serve_fits=budget > 0 and max_len >= min(4096, limit),
     )
+
+
+def layerwise_fit(
+    shape: Shape, room_gib: float, calib: tuple[int, int] = DEFAULT_CALIB
+) -> tuple[PeakMemory, bool]:
+    """The layer-by-layer peak in `room_gib`: activations in memory when they fit, else
+    spilled to disk (as the worker chooses); returns the peak and whether it spills."""
+    sizes = layer_sizes(shape.tensors())
+    samples, seq_len = calib
+    peak = layerwise_peak(sizes, samples, seq_len, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True)
+    if peak.total / GIB <= room_gib:
+        return peak, False
+    spilled = layerwise_peak(
+        sizes, samples, seq_len, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True, spill=True
+    )
+    return spilled, True
+
+
+@dataclass
+class MachineFit:
+    machine: str
+    room_gib: float
+    whole_model_gib: float
+    whole_model_fits: bool
+    layerwise_gib: float
+    layerwise_fits: bool
+
+
+def machine_fits(shape: Shape, calib: tuple[int, int] = DEFAULT_CALIB) -> list[MachineFit]:
+    """Whether each machine of MACHINES can quantize a model of `shape`, whole and layer
+    by layer, by the worker's rules (BF16 compute; on the card the weights and one batch
+    of activations are GPU memory, the rest of the activations host memory or disk)."""
+    params = sum(math.prod(s) for _, s in shape.tensors())
+    whole = whole_model_peak(params, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True).total / GIB
+    out = []
+    for name, memory_gb, reserve_gb in MACHINES:
+        room = (memory_gb - reserve_gb) * 1e9 / GIB
+        layered, _ = layerwise_fit(shape, room, calib)
+        out.append(
+            MachineFit(
+                name,
+                room,
+                whole,
+                whole <= room,
+                layered.total / GIB,
+                layered.total / GIB <= room,
+            )
+        )
+    return out
