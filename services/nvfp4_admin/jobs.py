@@ -51,6 +51,7 @@ _SPEC_PARAMS = {
     "max_ppl_increase_pct": "max_ppl_increase",
     "max_kl": "max_kl",
     "max_size_gb": "max_size_gb",
+    "layerwise": "layerwise",
 }
 
 
@@ -119,6 +120,12 @@ def jobs() -> None:
 )
 @click.option("--max-size-gb", type=float, help="Size budget of the checkpoint in GB (10^9 bytes).")
 @click.option(
+    "--layerwise",
+    is_flag=True,
+    help="Quantize one decoder layer at a time (memory bounded by a layer, not the model;"
+    " no perplexity, no target). The worker also chooses it for a model that does not fit.",
+)
+@click.option(
     "--priority",
     type=click.Choice([p.value for p in Priority]),
     default=Priority.NORMAL.value,
@@ -143,6 +150,7 @@ def submit(
     max_ppl_increase: float | None,
     max_kl: float | None,
     max_size_gb: float | None,
+    layerwise: bool,
     priority: str,
     wait: bool,
     as_json: bool,
@@ -167,6 +175,7 @@ def submit(
         "output_name": name,
         "recipe": recipe,
         "target": {k: v for k, v in target.items() if v is not None} or None,
+        "layerwise": layerwise or None,
     }
     ctx = click.get_current_context()
     try:
