@@ -163,7 +163,7 @@ def estimate(
             f" model limit {shape.max_positions or 'unknown'})"
         )
 
-    rows = [
+    machine_rows = [
         (
             m.machine,
             f"{m.room_gib:.1f} GiB",
@@ -172,7 +172,7 @@ def estimate(
         )
         for m in machines
     ]
-    click.echo(table(("can quantize on", "usable", "whole model", "layer by layer"), rows))
+    click.echo(table(("can quantize on", "usable", "whole model", "layer by layer"), machine_rows))
 
 
 def _weights_on_disk(folder: Path) -> int | None:

@@ -343,7 +343,8 @@ class _LayerCalls:
     ) -> None:
         self.config, self.seq_len, self.device, self.dtype = config, seq_len, device, dtype
         # Built afresh: the skeleton's rotary tables are on the meta device.
-        self.rotary = type(inner.rotary_emb)(config=config).to(device)
+        rotary_cls: Any = type(inner.rotary_emb)
+        self.rotary = rotary_cls(config=config).to(device)
         n = config.num_hidden_layers
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
         self._masks: dict[int, dict[str, Any]] = {}

@@ -47,7 +47,7 @@ def make_settings(workspace: dict[str, Path], models_dir: Path) -> Settings:
         hf_offline=True,
         device="cpu",
         min_free_disk_gb=0.01,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
 
 
@@ -61,7 +61,7 @@ def spec(model: Path, calib: Path, name: str, **overrides: object) -> JobSpec:
         "output_name": name,
     }
     values.update(overrides)
-    return JobSpec(**values)  # type: ignore[arg-type]
+    return JobSpec(**values)
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
