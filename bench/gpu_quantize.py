@@ -49,8 +49,10 @@ def one_run(args: argparse.Namespace) -> None:
         calib_seq_len=args.seq_len,
         eval_samples=args.eval_samples,
         output_name=f"{args.model.name.removesuffix('-bf16')}-nvfp4-c{args.one}"
-        + ("-target" if args.max_kl else ""),
+        + ("-target" if args.max_kl else "")
+        + ("-layerwise" if args.layerwise else ""),
         target=QualityTarget(max_kl=args.max_kl) if args.max_kl else None,
+        layerwise=args.layerwise,
     )
     t0 = time.monotonic()
     try:
@@ -88,6 +90,7 @@ def one_run(args: argparse.Namespace) -> None:
         "versions": report["versions"],
         "output_path": result.output_path,
         "target_max_kl": args.max_kl,
+        "layerwise": args.layerwise,
         "kl": report["evaluation"].get("kl"),
         "recipe": report.get("recipe"),
         "kept_layers": report.get("kept_layers", []),
@@ -120,6 +123,8 @@ def sweep(args: argparse.Namespace) -> None:
         cmd += ["--eval-samples", str(args.eval_samples), "--device", args.device]
         if args.max_kl:
             cmd += ["--max-kl", str(args.max_kl)]
+        if args.layerwise:
+            cmd += ["--layerwise"]
         print(f"== calib_samples {n} ({left:.0f} s left)", flush=True)
         try:
             proc = subprocess.run(
@@ -166,6 +171,7 @@ def main() -> None:
     parser.add_argument(
         "--max-kl", type=float, help="a quality target (KL): the job runs the target search"
     )
+    parser.add_argument("--layerwise", action="store_true", help="one decoder layer at a time")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
