@@ -102,30 +102,43 @@ PIP_CA           ?=
 ,                := ,
 DOCKER_BUILD     := DOCKER_BUILDKIT=1 docker build $(if $(PIP_CA),--secret id=pip_ca$(,)src=$(PIP_CA))
 COMPOSE_UP_ARGS  := $(foreach p,$(PROFILES),--profile $(p))
+# CPU=1: the CPU profile (no GPU; docker-compose.cpu.yml instead of docker-compose.gpu.yml,
+# images built by scripts/build-images.sh from the same Dockerfiles with a Debian base).
+CPU              ?=
+# The file of settings and compose variables (`make up ENV_FILE=...` for a second stack).
+ENV_FILE         ?= .env
+COMPOSE_FILES    := -f docker-compose.yml -f docker-compose.$(if $(CPU),cpu,gpu).yml
+COMPOSE_CMD      := $(COMPOSE) --env-file $(ENV_FILE) $(COMPOSE_FILES)
+# CPU images: where `make images CPU=1` records sizes and build times (empty: nowhere).
+IMAGE_RECORD     ?=
 
 .PHONY: images deploy-check image-test
 
-up: ## Start redis, serve and worker (PROFILES=observability adds Prometheus + Grafana)
-	@test -f .env || { echo "error: no .env; run: cp .env.example .env, then set NVFP4_REDIS_PASSWORD and NVFP4_RAY_AUTH_TOKEN" >&2; exit 1; }
-	@test -f secrets/api_keys || { echo "error: no secrets/api_keys; run: mkdir -p secrets && openssl rand -hex 24 > secrets/api_keys" >&2; exit 1; }
-	$(COMPOSE) $(COMPOSE_UP_ARGS) up -d
+up: $(if $(CPU),images) ## Start redis, serve and worker (CPU=1: build the CPU images, run without a GPU; PROFILES=observability adds Prometheus + Grafana)
+	@test -f $(ENV_FILE) || { echo "error: no $(ENV_FILE); run: cp .env.example .env, then set NVFP4_REDIS_PASSWORD and NVFP4_RAY_AUTH_TOKEN" >&2; exit 1; }
+	@test -f "$${NVFP4_API_KEYS_FILE:-secrets/api_keys}" || { echo "error: no secrets/api_keys; run: mkdir -p secrets && openssl rand -hex 24 > secrets/api_keys" >&2; exit 1; }
+	$(COMPOSE_CMD) $(COMPOSE_UP_ARGS) up -d
 	@echo "serve turns healthy after its model loads (minutes): make ps / make logs"
 
 # Both may be up. A compose stack needs .env (`make up` refuses to start without it, and
 # compose cannot read the file without it) and a working compose command.
 down: ## Stop the stack: the demo's local processes and the compose services (volumes are kept)
 	@if [ -f .run/stack.json ]; then $(VENV)/bin/python scripts/localstack.py down; fi
-	@if [ -f .env ] && $(COMPOSE) version >/dev/null 2>&1; then \
-	  $(COMPOSE) --profile observability --profile admin down; \
-	else echo "no compose stack to stop (it needs .env and '$(COMPOSE)')"; fi
+	@if [ -f $(ENV_FILE) ] && $(COMPOSE) version >/dev/null 2>&1; then \
+	  $(COMPOSE_CMD) --profile observability --profile admin down; \
+	else echo "no compose stack to stop (it needs $(ENV_FILE) and '$(COMPOSE)')"; fi
 
 logs: ## Follow the logs of the stack (SERVICE=worker for one)
-	$(COMPOSE) logs -f --tail=200 $(SERVICE)
+	$(COMPOSE_CMD) logs -f --tail=200 $(SERVICE)
 
 ps: ## Show the stack's containers and their health
-	$(COMPOSE) --profile observability ps
+	$(COMPOSE_CMD) --profile observability ps
 
-images: ## Build the serve, worker and admin images (docker, on the GPU node)
+images: ## Build the serve, worker and admin images (docker, on the GPU node; CPU=1: the CPU images, docker or podman)
+ifneq ($(CPU),)
+	NVFP4_IMAGE_RECORD=$(IMAGE_RECORD) VLLM_SPEC=$(VLLM_SPEC) RAY_VERSION=$(patsubst ray[serve]==%,%,$(RAY_SPEC)) \
+	  TORCH_SPEC=$(TORCH_SPEC) MODELOPT_VERSION=$(MODELOPT_VERSION) scripts/build-images.sh
+else
 	$(DOCKER_BUILD) -f services/nvfp4_serve/Dockerfile \
 	  --build-arg VLLM_IMAGE_ARM64=$(VLLM_IMAGE_ARM64) --build-arg VLLM_IMAGE_AMD64=$(VLLM_IMAGE_AMD64) \
 	  --build-arg RAY_VERSION=$(RAY_VERSION) -t $(SERVE_IMAGE) .
@@ -134,6 +147,7 @@ images: ## Build the serve, worker and admin images (docker, on the GPU node)
 	  -t $(WORKER_IMAGE) .
 	$(DOCKER_BUILD) -f services/nvfp4_admin/Dockerfile \
 	  --build-arg BASE_IMAGE=$(ADMIN_BASE_IMAGE) -t $(ADMIN_IMAGE) .
+endif
 
 deploy-check: install ## Check docker-compose.yml, .env.example and the Dockerfiles (no engine needed)
 	$(VENV)/bin/pytest tests/deploy -q -rs -m "not image"

@@ -6,26 +6,21 @@
 # Needs (Debian): podman runc debootstrap. Run as root (debootstrap and rootful podman).
 #
 # Environment:
-#   NVFP4_IMAGE_CACHE  where the debootstrap base is cached (default .data/image-base)
+#   NVFP4_IMAGE_CACHE  where the debootstrap base is cached (default .data/image-base;
+#                      see scripts/image-base.sh, which also reads DEBIAN_MIRROR)
 #   NVFP4_IMAGE_TAG    tag of the built admin image (default localhost/nvfp4-admin:test)
 #   NVFP4_IMAGE_RECORD where to write what was built: revision, image id, size, base, build
 #                      seconds, the first lines of `nvfp4ctl --help` (default
 #                      bench/results/admin-image.json; empty: no record)
-#   DEBIAN_MIRROR      Debian mirror for debootstrap (default http://deb.debian.org/debian)
 #   PIP_CA_BUNDLE      CA bundle pip inside the build trusts, for TLS-intercepting proxies
 #                      (default: the host's /etc/ssl/certs/ca-certificates.crt). It is passed
 #                      as a build secret, so it never lands in an image layer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cache=${NVFP4_IMAGE_CACHE:-.data/image-base}
 tag=${NVFP4_IMAGE_TAG:-localhost/nvfp4-admin:test}
 record=${NVFP4_IMAGE_RECORD-bench/results/admin-image.json}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 ca_bundle=${PIP_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-# Bumping this name rebuilds the base (e.g. after changing the package list below).
-base_tar="$cache/bookworm-minbase-py311-v1.tar"
-base_tag=localhost/nvfp4-base:bookworm-py311-v1
 
 for tool in podman runc debootstrap; do
   command -v "$tool" >/dev/null || {
@@ -36,33 +31,11 @@ done
 
 step() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
 
-# 1. A Debian bookworm root filesystem with Python 3.11 and venv, made once and cached.
-base_cached=true
+# 1-2. The local Debian base (debootstrap, cached; scripts/image-base.sh).
+base_cached=false
+if podman image exists localhost/nvfp4-base:bookworm-py311-v1; then base_cached=true; fi
 base_start=$SECONDS
-if [[ ! -f $base_tar ]]; then
-  base_cached=false
-  step "debootstrap bookworm (minbase + python3) into $cache"
-  mkdir -p "$cache"
-  rootfs="$cache/rootfs"
-  rm -rf "$rootfs"
-  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-    bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1 || {
-    tail -20 "$cache/debootstrap.log" >&2
-    echo "error: debootstrap failed; full log in $cache/debootstrap.log" >&2
-    exit 1
-  }
-  # apt lists and caches are not needed in the base and would only grow it.
-  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  tar -C "$rootfs" -cf "$base_tar.tmp" .
-  mv "$base_tar.tmp" "$base_tar"
-  rm -rf "$rootfs"
-fi
-
-# 2. Import it as a local image (podman keeps it between runs).
-if ! podman image exists "$base_tag"; then
-  step "podman import $base_tar as $base_tag"
-  podman import --quiet "$base_tar" "$base_tag" >/dev/null
-fi
+base_tag=$(scripts/image-base.sh)
 base_seconds=$((SECONDS - base_start))
 
 # 3. Build the admin image from the repository, with the local base instead of python:3.11-slim.

@@ -23,6 +23,10 @@ from nvfp4_common.serving import RAY_ENV_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# The GPU path (`make up`) merges the GPU reservation over the stack; the CPU profile
+# (`make up CPU=1`) merges docker-compose.cpu.yml instead.
+GPU_FILE = ROOT / "docker-compose.gpu.yml"
+CPU_FILE = ROOT / "docker-compose.cpu.yml"
 # 128 GB of LPDDR5x as the OS counts it (GiB); what GB10's CUDA reports is close to it.
 SPARK_MEMORY_GIB = 128e9 / 2**30
 # Left for the OS, Docker, Redis, Ray's own processes and the serving process outside
@@ -65,9 +69,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The compose file as docker-compose resolves it (variables filled in)."""
+    """The GPU stack as docker-compose resolves it (variables filled in)."""
     out = subprocess.run(
-        [_compose(), "-f", str(COMPOSE_FILE), "config"],
+        [_compose(), "-f", str(COMPOSE_FILE), "-f", str(GPU_FILE), "config"],
         env=_env(tmp_path_factory.mktemp("compose")),
         cwd=ROOT,
         capture_output=True,
@@ -87,15 +91,40 @@ def _gib(size: str) -> float:
     return float(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit] / 2**30
 
 
-def test_config_is_valid(tmp_path: Path) -> None:
+@pytest.mark.parametrize("profile", [[], [GPU_FILE], [CPU_FILE]], ids=["base", "gpu", "cpu"])
+def test_config_is_valid(tmp_path: Path, profile: list[Path]) -> None:
+    files = [arg for f in [COMPOSE_FILE, *profile] for arg in ("-f", str(f))]
     out = subprocess.run(
-        [_compose(), "-f", str(COMPOSE_FILE), "config", "-q"],
+        [_compose(), *files, "config", "-q"],
         env=_env(tmp_path),
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_cpu_profile_reserves_no_gpu_and_runs_vllm_on_cpu(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [_compose(), "-f", str(COMPOSE_FILE), "-f", str(CPU_FILE), "config"],
+        env=_env(tmp_path),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    services = yaml.safe_load(out.stdout)["services"]
+    for name in ("serve", "worker"):
+        assert "devices" not in str(services[name].get("deploy", {})), name
+    assert services["serve"]["environment"]["NVFP4_SERVE_ACCELERATOR"] == "cpu"
+    assert services["worker"]["environment"]["NVFP4_DEVICE"] == "cpu"
+    # The serving health check still means one generated token.
+    assert "/readyz" in str(services["serve"]["healthcheck"]["test"])
+
+
+def test_env_example_names_the_gpu_files_for_plain_compose_commands() -> None:
+    text = (ROOT / ".env.example").read_text()
+    assert "\nCOMPOSE_FILE=docker-compose.yml:docker-compose.gpu.yml\n" in text
 
 
 @pytest.mark.parametrize("missing", ["NVFP4_REDIS_PASSWORD", "NVFP4_RAY_AUTH_TOKEN"])

@@ -39,7 +39,8 @@ def test_every_setting_is_listed() -> None:
 
 
 def test_every_compose_variable_is_listed() -> None:
-    compose = (ROOT / "docker-compose.yml").read_text()
+    files = ("docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.cpu.yml")
+    compose = "".join((ROOT / name).read_text() for name in files)
     used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", compose))
     missing = sorted(used - set(_lines()))
     assert not missing, f"add to .env.example: {missing}"
