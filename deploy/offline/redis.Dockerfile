@@ -10,7 +10,7 @@ RUN groupadd --system --gid 999 redis \
     && apt-get update -q \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server redis-tools \
     && rm -rf /var/lib/apt/lists/* \
-    && mkdir -p /data /run/redis && chown redis:redis /data /run/redis
+    && mkdir -p /data && chown redis:redis /data
 WORKDIR /data
 USER redis
 EXPOSE 6379
