@@ -137,6 +137,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     | st.lists(st.just("*mlp*"), min_size=255, max_size=258),
     "output_name": st.one_of(st.none(), NAMES, ENDS_ODDLY.map(lambda e: "out" + e)),
     "recipe": st.one_of(st.none(), st.sampled_from([*RECIPES, "NVFP4", "", "awq", "nvfp4 "])),
+    "layerwise": st.one_of(st.booleans(), st.sampled_from(["yes", 1, 0, "", None])),
     "target": st.one_of(
         st.none(),
         st.fixed_dictionaries(
@@ -164,6 +165,7 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
         st.none(), st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,20}", fullmatch=True)
     ),
     "recipe": st.one_of(st.none(), st.sampled_from(list(RECIPES))),
+    "layerwise": st.booleans(),
     "target": st.one_of(
         st.none(),
         st.builds(
