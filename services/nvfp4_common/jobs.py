@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nvfp4_common.recipes import RECIPES, QualityTarget
+from nvfp4_common.recipes import DEFAULT_RECIPE, RECIPES, QualityTarget
 
 # A Hugging Face repo id ("org/name"); anything else must be a local path. Both patterns
 # end in \Z, not $: `$` also matches before a trailing newline, which let "name\n" through.
@@ -118,6 +118,11 @@ class JobSpec(BaseModel):
     def _target_is_measurable(self) -> JobSpec:
         if self.recipe is not None and self.format is QuantFormat.FP8:
             raise ValueError("recipe: recipes are NVFP4 calibrations; FP8 takes none")
+        if self.layerwise and self.recipe not in (None, DEFAULT_RECIPE):
+            raise ValueError(
+                f"layerwise: layer-by-layer mode runs the {DEFAULT_RECIPE} recipe only; drop"
+                " --recipe or layer-by-layer mode"
+            )
         if self.layerwise and self.target is not None:
             raise ValueError(
                 "layerwise: the quality-target search needs the whole model; drop the target"

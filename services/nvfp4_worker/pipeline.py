@@ -161,7 +161,8 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         info.source_bytes, source_dtype, dtype, memory.weights_in_host_memory(device)
     )
     # A model that does not fit whole is quantized layer by layer (layerwise.py), if that
-    # fits; a job with a quality target is not switched (its search needs the model).
+    # fits; a job with a quality target (its search needs the model) or another recipe
+    # than the default (layer-by-layer mode runs max calibration only) is not switched.
     mode = (
         memory.choose_mode(
             spec.model,
@@ -172,7 +173,7 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
             memory.weights_in_host_memory(device),
             memory.room(),
             requested=spec.layerwise,
-            can_switch=spec.target is None,
+            can_switch=spec.target is None and spec.recipe in (None, DEFAULT_RECIPE),
         )
         if settings.worker_memory_preflight
         else memory.Mode(
