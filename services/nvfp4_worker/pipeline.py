@@ -376,11 +376,12 @@ def _quantize(
 
     def measure(recipe: str | None, kept: tuple[str, ...]) -> search.Candidate:
         t = time.monotonic()
-        reporter.progress(Stage.EVALUATING, 0.0, f"measuring {recipe}, {len(kept)} layers kept")
+        name = recipe or spec.format.value
+        reporter.progress(Stage.EVALUATING, 0.0, f"measuring {name}, {len(kept)} layers kept")
         with evaluate.quantized_weights(model):
             m = evaluate.measure(model, windows.held_out, device, base.reference)
         c = search.Candidate(
-            recipe=recipe or spec.format.value,
+            recipe=name,
             kept=kept,
             size_bytes=size_of(recipe, kept),
             perplexity=m.perplexity,
