@@ -83,6 +83,20 @@ def json_option(func: F) -> F:
     )(func)
 
 
+def format_option(help: str) -> Callable[[F], F]:
+    """Add --format (the job formats, NVFP4 by default) with this help text."""
+    from nvfp4_common.jobs import QuantFormat
+
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice([f.value for f in QuantFormat]),
+        default=QuantFormat.NVFP4.value,
+        show_default=True,
+        help=help,
+    )
+
+
 def describe_error(e: BaseException, settings: Settings | None) -> str | None:
     """One line for errors a user can cause or fix; None for bugs (they keep a traceback).
 

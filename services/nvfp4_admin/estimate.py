@@ -7,23 +7,15 @@ from typing import Any
 
 import click
 
-from nvfp4_admin.context import json_option
+from nvfp4_admin.context import format_option, json_option
 from nvfp4_admin.output import emit_json, human_bytes, table
 from nvfp4_admin.sizing import checkpoint_sizes, machine_fits, memory_fit, read_config
-from nvfp4_common.jobs import QuantFormat
 from nvfp4_common.sizing import GIB, gib
 
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice([f.value for f in QuantFormat]),
-    default=QuantFormat.NVFP4.value,
-    show_default=True,
-    help="Format to check the memory fit for.",
-)
+@format_option("Format to check the memory fit for.")
 @click.option(
     "--exclude", multiple=True, metavar="PATTERN", help="Module glob kept in BF16 (repeatable)."
 )

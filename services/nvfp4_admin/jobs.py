@@ -10,7 +10,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from nvfp4_admin.context import AppContext, json_option, pass_app
+from nvfp4_admin.context import AppContext, format_option, json_option, pass_app
 from nvfp4_admin.output import (
     bar,
     emit_json,
@@ -78,14 +78,7 @@ def jobs() -> None:
 
 @jobs.command()
 @click.argument("model")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice([f.value for f in QuantFormat]),
-    default=QuantFormat.NVFP4.value,
-    show_default=True,
-    help="Target format: NVFP4 weights+activations, plus an FP8 KV cache, or FP8.",
-)
+@format_option("Target format: NVFP4 weights+activations, plus an FP8 KV cache, or FP8.")
 @click.option(
     "--calib-dataset", help="Hugging Face dataset id, or a local .txt/.jsonl file or folder."
 )

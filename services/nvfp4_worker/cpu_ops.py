@@ -130,34 +130,6 @@ def dynamic_block_quantize(
     return nvfp4_fake_quant(inputs, amax, block_size)
 
 
-def static_blockwise_fp4_fake_quant(
-    x: torch.Tensor,
-    amax: torch.Tensor,
-    global_amax: torch.Tensor | None = None,
-    quantize_block_scales: bool = True,
-    fp8_max_for_normalization: float = E4M3_MAX,
-    out_dtype: torch.dtype | None = None,
-    pass_through_bwd: bool = False,
-) -> torch.Tensor:
-    """Drop-in for the name `static_blockwise_fp4_fake_quant` in ModelOpt's
-    tensor_quantizer module (same signature): CPU tensors go to `static_block_fake_quant`,
-    CUDA tensors to ModelOpt's own op."""
-    if x.is_cuda:
-        assert _original_static is not None, "cpu_ops.install() was not called"
-        return _original_static(
-            x,
-            amax,
-            global_amax,
-            quantize_block_scales,
-            fp8_max_for_normalization,
-            out_dtype,
-            pass_through_bwd,
-        )
-    return static_block_fake_quant(
-        x, amax, global_amax, quantize_block_scales, fp8_max_for_normalization, out_dtype
-    )
-
-
 def install() -> bool:
     """Route ModelOpt's dynamic and static NVFP4 block quantization through the CPU ports.
 
@@ -173,9 +145,9 @@ def install() -> bool:
     if tensor_quant.dynamic_block_quantize_op is not dynamic_block_quantize:
         _original_op = tensor_quant.dynamic_block_quantize_op
         tensor_quant.dynamic_block_quantize_op = dynamic_block_quantize
-    if tensor_quantizer.static_blockwise_fp4_fake_quant is not static_blockwise_fp4_fake_quant:
+    if tensor_quantizer.static_blockwise_fp4_fake_quant is not static_block_fake_quant:
         _original_static = tensor_quantizer.static_blockwise_fp4_fake_quant
-        tensor_quantizer.static_blockwise_fp4_fake_quant = static_blockwise_fp4_fake_quant
+        tensor_quantizer.static_blockwise_fp4_fake_quant = static_block_fake_quant
     return True
 
 
@@ -186,13 +158,20 @@ def static_block_fake_quant(
     quantize_block_scales: bool = True,
     fp8_max_for_normalization: float = E4M3_MAX,
     out_dtype: torch.dtype | None = None,
+    pass_through_bwd: bool = False,
 ) -> torch.Tensor:
     """NVFP4 fake quantization with calibrated per-block amax values (static block scales).
 
-    Follows ModelOpt's Triton kernel (kernels/quantization/gemm/fp4_kernel.py,
+    A drop-in for the name `static_blockwise_fp4_fake_quant` in ModelOpt's
+    tensor_quantizer module (same signature): CUDA tensors go to ModelOpt's own op. On a
+    CPU it follows ModelOpt's Triton kernel (kernels/quantization/gemm/fp4_kernel.py,
     `static_blockwise_fp4_fake_quant` and `compute_fp4_scales`): scale = amax / 6, stored
     as FP8 E4M3 relative to the tensor's global amax; a zero scale gives a zero block.
     """
+    if x.is_cuda:
+        assert _original_static is not None, "cpu_ops.install() was not called"
+        args = (global_amax, quantize_block_scales, fp8_max_for_normalization, out_dtype)
+        return _original_static(x, amax, *args, pass_through_bwd)
     from modelopt.torch.quantization.tensor_quant import scaled_e4m3_impl
 
     blocks = amax.numel()

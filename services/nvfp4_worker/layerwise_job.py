@@ -28,7 +28,7 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
     """Quantize `plan` layer by layer into `staging`; returns the job's report."""
     from transformers import AutoTokenizer
 
-    from nvfp4_worker.pipeline import _versions
+    from nvfp4_worker.pipeline import _size_and_memory, _versions
 
     spec, timings = plan.spec, plan.timings
     t = time.monotonic()
@@ -116,20 +116,8 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
             "weight_error": evaluate.summary({}),
             "generations": [],
         },
-        "size": {
-            "source_bytes": plan.info.source_bytes,
-            "source_dtype": plan.source_dtype,
-            "output_bytes": output_bytes,
-            "estimated_output_bytes": plan.estimate_bytes,
-            "reduction_pct": (1 - output_bytes / plan.info.source_bytes) * 100
-            if plan.info.source_bytes
-            else None,
-        },
         "timings_s": timings,
-        "memory": {
-            "peak_rss_bytes": evaluate.peak_rss_bytes(),
-            "peak_gpu_bytes": evaluate.peak_gpu_bytes(plan.device),
-        },
+        **_size_and_memory(plan, output_bytes),
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

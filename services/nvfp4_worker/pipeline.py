@@ -307,20 +307,8 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
                 for b, q in zip(gen_base, gen_quant, strict=True)
             ],
         },
-        "size": {
-            "source_bytes": plan.info.source_bytes,
-            "source_dtype": plan.source_dtype,
-            "output_bytes": output_bytes,
-            "estimated_output_bytes": plan.estimate_bytes,
-            "reduction_pct": (1 - output_bytes / plan.info.source_bytes) * 100
-            if plan.info.source_bytes
-            else None,
-        },
         "timings_s": timings,
-        "memory": {
-            "peak_rss_bytes": evaluate.peak_rss_bytes(),
-            "peak_gpu_bytes": evaluate.peak_gpu_bytes(device),
-        },
+        **_size_and_memory(plan, output_bytes),
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -441,6 +429,24 @@ def _each(reporter: Reporter, stage: Stage, what: str, scale: float) -> Any:
         reporter.progress(stage, scale * k / n, f"{what} {k}/{n}")
 
     return on_batch
+
+
+def _size_and_memory(plan: _Plan, output_bytes: int) -> dict[str, Any]:
+    """The report's `size` and `memory` parts, alike for every mode of a job."""
+    source = plan.info.source_bytes
+    return {
+        "size": {
+            "source_bytes": source,
+            "source_dtype": plan.source_dtype,
+            "output_bytes": output_bytes,
+            "estimated_output_bytes": plan.estimate_bytes,
+            "reduction_pct": (1 - output_bytes / source) * 100 if source else None,
+        },
+        "memory": {
+            "peak_rss_bytes": evaluate.peak_rss_bytes(),
+            "peak_gpu_bytes": evaluate.peak_gpu_bytes(plan.device),
+        },
+    }
 
 
 def _versions() -> dict[str, str]:

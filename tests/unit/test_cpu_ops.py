@@ -216,13 +216,11 @@ def test_install_patches_both_ops_idempotently() -> None:
     first = (cpu_ops._original_op, cpu_ops._original_static)
     assert cpu_ops.install() and cpu_ops.install()
     assert tensor_quant.dynamic_block_quantize_op is cpu_ops.dynamic_block_quantize
-    assert (
-        tensor_quantizer.static_blockwise_fp4_fake_quant is cpu_ops.static_blockwise_fp4_fake_quant
-    )
+    assert tensor_quantizer.static_blockwise_fp4_fake_quant is cpu_ops.static_block_fake_quant
     # The originals are kept once: a second install must not save our own op as ModelOpt's.
     assert (cpu_ops._original_op, cpu_ops._original_static) == first
     assert cpu_ops._original_op is not cpu_ops.dynamic_block_quantize
-    assert cpu_ops._original_static is not cpu_ops.static_blockwise_fp4_fake_quant
+    assert cpu_ops._original_static is not cpu_ops.static_block_fake_quant
     assert cpu_ops._original_op is not None and cpu_ops._original_static is not None
 
 
@@ -231,5 +229,5 @@ def test_static_wrapper_routes_cpu_tensors_to_the_port() -> None:
     torch.manual_seed(4)
     x = torch.randn(2, 32)
     amax = x.reshape(-1, 16).abs().amax(-1)
-    got = cpu_ops.static_blockwise_fp4_fake_quant(x, amax, None, True, 448.0, None, False)
+    got = cpu_ops.static_block_fake_quant(x, amax, None, True, 448.0, None, False)
     torch.testing.assert_close(got, static_reference(x, amax), rtol=1e-6, atol=1e-7)
