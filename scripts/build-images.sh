@@ -80,6 +80,7 @@ build_one serve -f services/nvfp4_serve/Dockerfile \
   --build-arg "TARGETARCH=$targetarch" --build-arg "RAY_VERSION=$ray_version" \
   --build-arg "ENGINE_PACKAGES=$vllm_spec" \
   --build-arg "ENGINE_REMOVE=torchvision torchaudio torchcodec" \
+  --build-arg "ENGINE_APT_PACKAGES=libnuma1" \
   --build-arg "TORCH_INDEX=$torch_index"
 build_one worker -f services/nvfp4_worker/Dockerfile \
   --build-arg "PYTORCH_IMAGE=$base" --build-arg "MODELOPT_VERSION=$modelopt_version" \
