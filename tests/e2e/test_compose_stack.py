@@ -178,6 +178,21 @@ def _models_volume() -> Path:
     return Path(run(["podman", "volume", "inspect", "--format", "{{.Mountpoint}}", name]).strip())
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _with_chat_template(model: Path) -> None:
+    """The tiny model's tokenizer has no chat template; /v1/chat/completions needs one."""
+    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    config = model / "tokenizer_config.json"
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATE})
+    )
+
+
 def _teardown(stack: Stack) -> None:
     stack.compose(
         "--profile", "admin", "down", "-v", "--remove-orphans", "-t", "5", timeout=300, check=False
@@ -230,9 +245,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "NVFP4_HF_OFFLINE": "true",
         "NVFP4_SERVE_MODEL": MODEL,
         "NVFP4_SERVE_MAX_MODEL_LEN": "1024",
-        # float32: on this CI host vLLM's bfloat16 CPU path (AMX attention) dies with SIGILL,
-        # in a container and outside one alike.
-        "NVFP4_SERVE_ENGINE_KWARGS": json.dumps({"enforce_eager": True, "dtype": "float32"}),
+        # float16: on this CI host vLLM's bfloat16 CPU path (AMX attention) dies with SIGILL,
+        # in a container and outside one alike; vLLM's NVFP4 path refuses float32.
+        "NVFP4_SERVE_ENGINE_KWARGS": json.dumps({"enforce_eager": True, "dtype": "float16"}),
         "NVFP4_SERVE_READY_TIMEOUT_S": "600",
     }
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
@@ -256,7 +271,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         from bench.devkit import models, text
 
         volume = _models_volume()
-        models.make_tiny_qwen3(volume / "tiny-qwen3")
+        _with_chat_template(models.make_tiny_qwen3(volume / "tiny-qwen3"))
         text.write_text_file(volume / "calib" / "calib.txt", max_chars=200_000)
         run(["chown", "-R", "1000:1000", str(volume)])
 
@@ -349,10 +364,16 @@ def test_2_quantize_in_the_worker_and_deploy_with_zero_downtime(stack: Stack) ->
     thread.start()
     start = time.monotonic()
     try:
-        stack.ctl("serve", "deploy", "--job", job_id)
+        deployed = stack.compose(
+            "--profile", "admin", "run", "--rm", "-T", "admin", "serve", "deploy", "--job", job_id,
+            timeout=900, check=False,
+        )  # fmt: skip
     finally:
         stop.set()
         thread.join(200)
+    if "did not become ready" in deployed or "Error" in deployed:
+        logs = stack.compose("logs", "--tail=80", "serve", check=False)
+        pytest.fail(f"serve deploy --job failed:\n{deployed[-3000:]}\n{logs[-6000:]}")
     stack.timings["serve deploy --job"] = time.monotonic() - start
     assert errors == [], errors[:5]
     assert answers > 0
