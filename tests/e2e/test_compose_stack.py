@@ -196,11 +196,19 @@ def _with_chat_template(model: Path) -> None:
 def _teardown(stack: Stack) -> None:
     stack.compose(
         "--profile", "admin", "down", "-v", "--remove-orphans", "-t", "5", timeout=300, check=False
-    )
-    # A worker started by `workers scale` and left behind by a failure.
-    for name in stack.containers("worker"):
-        subprocess.run(["podman", "rm", "-f", name], capture_output=True)
-    subprocess.run(["podman", "volume", "rm", "-f", f"{PROJECT}_models"], capture_output=True)
+    )  # fmt: skip
+    # Whatever compose left behind (a container in a restart loop, a worker started by
+    # `workers scale`), then the project's volumes and network.
+    label = f"label=com.docker.compose.project={PROJECT}"
+    for kind in ("container", "volume"):
+        listed = subprocess.run(
+            ["podman", kind, "ls", "-q", *(["-a"] if kind == "container" else []),
+             "--filter", label],
+            capture_output=True, text=True,
+        ).stdout.split()  # fmt: skip
+        for name in listed:
+            subprocess.run(["podman", kind, "rm", "-f", name], capture_output=True)
+    subprocess.run(["podman", "network", "rm", "-f", f"{PROJECT}_default"], capture_output=True)
 
 
 @pytest.fixture(scope="module")
