@@ -43,7 +43,8 @@ def cluster(models: tuple[Path, Path]) -> Iterator[ServeCluster]:
             "model": str(bf16),
             "accelerator": "cpu",
             "max_model_len": 512,
-            "engine_kwargs": {"enforce_eager": True},
+            # float16: on some hosts vLLM's CPU BF16 kernels die with SIGILL under Ray.
+            "engine_kwargs": {"enforce_eager": True, "dtype": "float16"},
         },
         num_cpus=16,  # logical CPUs: room for two models and two replicas at once
     )
