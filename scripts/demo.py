@@ -129,7 +129,10 @@ def main() -> None:
         print(f"stack processes carry {localstack.MARKER}={localstack.marker()}", flush=True)
         env = {**os.environ, **cli_env}
         step(f"serving the BF16 model {source.name} (vLLM CPU; loading takes a minute)")
-        ctl("serve", "deploy", "--model", str(source), env=env)
+        # float16: on some CPUs vLLM's BF16 kernels die with SIGILL under Ray; the app's
+        # engine args carry over to the NVFP4 deploy below.
+        ctl("serve", "deploy", "--model", str(source),
+            "--arg", 'engine_kwargs={"dtype": "float16"}', env=env)  # fmt: skip
         measure("BF16", source, results / "demo-bf16.json", env)
 
         step("quantizing to NVFP4 (ModelOpt, calibration on held-in text, evaluation on held-out)")
