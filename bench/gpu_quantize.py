@@ -58,7 +58,13 @@ def one_run(args: argparse.Namespace) -> None:
     try:
         result = run(spec, settings, PrintReporter(), job_id=f"gpu-bench-{args.one}")
     except JobError as exc:  # a target no candidate keeps: the search's whole cost
+        import resource
+
+        import torch
+
         row_failed = {
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "calib_samples": args.one,
             "seq_len": args.seq_len,
             "target_max_kl": args.max_kl,
@@ -94,6 +100,7 @@ def one_run(args: argparse.Namespace) -> None:
         "kl": report["evaluation"].get("kl"),
         "recipe": report.get("recipe"),
         "kept_layers": report.get("kept_layers", []),
+        "kept_as": report.get("kept_as"),
         "candidates": report.get("search", {}).get("candidates", []),
     }
     print("RESULT " + json.dumps(row), flush=True)

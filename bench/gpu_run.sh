@@ -13,7 +13,8 @@
 #   bench/gpu_run.sh serve      # 8B-shaped BF16 model; our endpoint at concurrency 1 16 64 128
 #   bench/gpu_run.sh plain      # plain vLLM OpenAI server at the same levels (the baseline)
 #   bench/gpu_run.sh variant direct-ingress|mode-off   # one more configuration of ours
-#   bench/gpu_run.sh search     # a plain job, a layer-by-layer one, one whose target forces the full search
+#   bench/gpu_run.sh search [plain layerwise search]   # a plain job, a layer-by-layer one,
+#                               # one whose target forces the full search (default: all three)
 #
 # "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS, throughput-
 # optimized Ray Serve); the variants are direct ingress on and the mode off (Ray's defaults).
@@ -84,7 +85,9 @@ search)
     test -f "$MODELS/calib.txt" || PYTHONPATH=$PWD/bench:$PYTHONPATH python3 -c \
         "from pathlib import Path; from devkit.text import write_text_file
 write_text_file(Path('$MODELS/calib.txt'), max_chars=2_000_000)"
-    for run in plain layerwise search; do
+    runs=("${@:2}")
+    [ ${#runs[@]} -gt 0 ] || runs=(plain layerwise search)
+    for run in "${runs[@]}"; do
         extra=()
         [ "$run" = search ] && extra=(--max-kl 1e-9)
         [ "$run" = layerwise ] && extra=(--layerwise)

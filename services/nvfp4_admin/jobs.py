@@ -103,7 +103,7 @@ def jobs() -> None:
     "--max-ppl-increase",
     type=Percent(),
     help="Quality target: held-out perplexity may rise at most this much, e.g. 5%. The"
-    " worker keeps the most sensitive layers in BF16 until it holds.",
+    " worker keeps the most sensitive layers in FP8 (else BF16) until it holds.",
 )
 @click.option(
     "--max-kl",
@@ -300,7 +300,7 @@ def show(app: AppContext, job_id: str, as_json: bool) -> None:
             ),
             ("KL", "-" if r.kl is None else f"{r.kl:.4f}"),
             ("recipe used", r.recipe),
-            ("kept in BF16", ", ".join(r.kept_layers) or "-"),
+            (f"kept in {(r.kept_as or 'bf16').upper()}", ", ".join(r.kept_layers) or "-"),
             ("duration", human_age(r.duration_s)),
             ("report", f"{r.output_path}/report.json"),
         ]

@@ -17,11 +17,13 @@ from typing import Any
 from nvfp4_common.errors import CheckpointError
 
 # ModelOpt's quant_algo -> the quantization name vLLM 0.32 registers for it.
-# vLLM serves only the FP8 and NVFP4 families of ModelOpt formats.
+# vLLM serves only the FP8 and NVFP4 families of ModelOpt formats, and MIXED_PRECISION
+# checkpoints whose layers each use one of them (`quantized_layers`).
 MODELOPT_TO_VLLM = {
     "NVFP4": "modelopt_fp4",
     "W4A16_NVFP4": "modelopt_fp4",
     "FP8": "modelopt",
+    "MIXED_PRECISION": "modelopt_mixed",
 }
 # NVFP4 scales blocks of 16 values; vLLM's NVFP4 kernels handle no other block size.
 NVFP4_GROUP_SIZE = 16
@@ -64,12 +66,29 @@ def quant_section(folder: Path) -> dict[str, Any] | None:
             f"{folder} is ModelOpt {algo}; vLLM serves only"
             f" {sorted(MODELOPT_TO_VLLM)} ModelOpt checkpoints"
         )
-    if MODELOPT_TO_VLLM[algo] == "modelopt_fp4" and quant.get("group_size") != NVFP4_GROUP_SIZE:
+    if algo == "MIXED_PRECISION":
+        _check_layers(file, quant.get("quantized_layers"))
+    elif MODELOPT_TO_VLLM[algo] == "modelopt_fp4" and quant.get("group_size") != NVFP4_GROUP_SIZE:
         raise CheckpointError(
             f"{file}: {algo} needs group_size {NVFP4_GROUP_SIZE}, not"
             f" {quant.get('group_size')!r}; re-export the checkpoint with ModelOpt"
         )
     return quant
+
+
+def _check_layers(file: Path, layers: Any) -> None:
+    """A MIXED_PRECISION checkpoint's per-layer formats: each one vLLM serves."""
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{file}: MIXED_PRECISION without 'quantized_layers'; re-export it")
+    for name, layer in layers.items():
+        algo = layer.get("quant_algo") if isinstance(layer, dict) else None
+        if algo not in MODELOPT_TO_VLLM or algo == "MIXED_PRECISION":
+            raise CheckpointError(f"{file}: layer {name} is ModelOpt {algo}; vLLM cannot serve it")
+        group = layer.get("group_size", NVFP4_GROUP_SIZE)
+        if MODELOPT_TO_VLLM[algo] == "modelopt_fp4" and group != NVFP4_GROUP_SIZE:
+            raise CheckpointError(
+                f"{file}: layer {name} ({algo}) needs group_size {NVFP4_GROUP_SIZE}, not {group!r}"
+            )
 
 
 def check_safetensors(file: Path) -> None:

@@ -193,7 +193,8 @@ class JobResult(BaseModel):
     perplexity_change_pct: float | None = None
     kl: float | None = None  # mean per-token KL from the original, on the held-out text
     recipe: str | None = None
-    kept_layers: list[str] = Field(default_factory=list)  # kept in BF16 by the search
+    kept_layers: list[str] = Field(default_factory=list)  # kept in higher precision by the search
+    kept_as: str | None = None  # their precision: "fp8" or "bf16"
     duration_s: float
 
 

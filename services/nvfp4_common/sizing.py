@@ -147,12 +147,16 @@ class CheckpointEstimate:
 
 
 def estimate_checkpoint(
-    tensors: Iterable[tuple[str, Sequence[int]]], fmt: str, exclude: Sequence[str] = ()
+    tensors: Iterable[tuple[str, Sequence[int]]],
+    fmt: str,
+    exclude: Sequence[str] = (),
+    in_fp8: Sequence[str] = (),
 ) -> CheckpointEstimate:
     """Size of the checkpoint ModelOpt exports in `fmt` from tensors (name, shape).
 
     Linear weights that ModelOpt quantizes shrink to the format's width plus their
-    scales; everything else (embeddings, norms, biases, lm_head, routers, excluded
+    scales (FP8's for the modules `in_fp8` matches: a MIXED_PRECISION export); everything
+    else (embeddings, norms, biases, lm_head, routers, excluded
     modules) is written in BF16. The FP8 KV cache's k_scale/v_scale scalars (8 bytes a
     layer) are not counted.
     """
@@ -165,7 +169,8 @@ def estimate_checkpoint(
             module = name.removesuffix(".weight")
             if not is_kept_linear(module, exclude):
                 quantized += numel
-                output += quantized_weight_bytes(shape[0], shape[1], fmt)
+                layer_fmt = "fp8" if in_fp8 and is_kept_linear(module, in_fp8) else fmt
+                output += quantized_weight_bytes(shape[0], shape[1], layer_fmt)
                 continue
             kept.append(module)
         output += KEPT_BYTES_PER_PARAM * numel

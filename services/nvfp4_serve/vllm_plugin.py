@@ -8,6 +8,12 @@ pass (the stock kernel's cost; about 10x slower). Activations are still
 quantize-dequantized to NVFP4 per call, exactly as the stock kernel does, so
 outputs are bit-identical (checked by `python -m nvfp4_serve.kernel_check`).
 
+FP8 layers (an FP8 checkpoint, or the FP8 layers of a MIXED_PRECISION one) load with
+vLLM's own CPU FP8 kernels. Loading requantizes fused layers (QKV, gate/up) to one
+per-tensor scale through `ops.scaled_fp8_quant`, whose static form is a stub in the CPU
+build ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)"); `_static_fp8_quant`
+is the same rounding in torch, used only for that per-tensor case.
+
 Never a silent BF16 fallback: the layers keep their packed uint8 weights and
 scales, and vLLM logs the chosen kernel ("Using CachedEmulationNvFp4LinearKernel
 for NVFP4 GEMM"); `LOADED` counts the layers this process set up.
@@ -80,6 +86,31 @@ def _kernel_classes() -> tuple[type, type]:
     return CachedEmulationNvFp4LinearKernel, CountingEmulationNvFp4LinearKernel
 
 
+def _static_fp8_quant(original: Any) -> Any:
+    """`ops.scaled_fp8_quant` with a per-tensor static scale done in torch on CPU."""
+    import torch
+
+    def scaled_fp8_quant(
+        input: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        *args: Any,
+        output: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if scale is None or scale.numel() != 1 or args or kwargs.get("num_token_padding"):
+            return original(input, scale, *args, output=output, **kwargs)
+        fp8 = torch.float8_e4m3fn
+        limit = torch.finfo(fp8).max
+        q = (input.float() / scale.float()).clamp(-limit, limit).to(fp8)
+        if output is not None:
+            output.copy_(q)
+            q = output
+        return q, scale
+
+    scaled_fp8_quant.nvfp4_serve = True  # type: ignore[attr-defined]
+    return scaled_fp8_quant
+
+
 def register() -> None:
     """Entry point: make NVFP4 linear layers loadable on vLLM's CPU platform."""
     global _registered
@@ -100,8 +131,14 @@ def register() -> None:
     # The stock kernel comes second: reached only when the first is disabled
     # (VLLM_DISABLED_KERNELS=CachedEmulationNvFp4LinearKernel) or turned off.
     register_linear_kernel(stock, PlatformEnum.CPU, "nvfp4")
+    from vllm import _custom_ops as ops
+
+    if not getattr(ops.scaled_fp8_quant, "nvfp4_serve", False):
+        ops.scaled_fp8_quant = _static_fp8_quant(ops.scaled_fp8_quant)
     _registered = True
-    logger.info("nvfp4_serve: NVFP4 emulation kernels registered for CPU")
+    logger.info(
+        "nvfp4_serve: NVFP4 emulation kernels and static FP8 quantization registered for CPU"
+    )
 
 
 def kernel_report(model: Any) -> dict[str, Any]:

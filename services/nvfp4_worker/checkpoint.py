@@ -77,13 +77,16 @@ def _raw_model_type(path: Path) -> str | None:
     return str(value) if value else None
 
 
-def estimate_output_bytes(path: Path, fmt: QuantFormat, exclude: list[str]) -> int:
+def estimate_output_bytes(
+    path: Path, fmt: QuantFormat, exclude: list[str], in_fp8: list[str] | None = None
+) -> int:
     """The exported checkpoint's size from the safetensors headers, by the rule
     `nvfp4ctl estimate` applies to config.json (nvfp4_common.sizing.estimate_checkpoint):
-    linear weights ModelOpt quantizes shrink to the format's width, everything else
-    (embeddings, norms, lm_head, MoE routers, --exclude'd modules) is written as BF16."""
+    linear weights ModelOpt quantizes shrink to the format's width (FP8 for the modules
+    `in_fp8` matches), everything else (embeddings, norms, lm_head, MoE routers,
+    --exclude'd modules) is written as BF16."""
     shapes = [(name, shape) for name, shape, _ in _tensors(path)]
-    return estimate_checkpoint(shapes, fmt.value, exclude).output_bytes
+    return estimate_checkpoint(shapes, fmt.value, exclude, in_fp8 or ()).output_bytes
 
 
 def layer_sizes(path: Path) -> LayerSizes:

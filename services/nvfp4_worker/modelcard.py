@@ -136,8 +136,13 @@ def render(report: dict[str, Any]) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
+def _kept(c: dict[str, Any]) -> str:
+    n = len(c["kept"])
+    return f"{n} in {c.get('kept_as', 'bf16').upper()}" if n else "0"
+
+
 def _search(report: dict[str, Any]) -> list[str]:
-    """The quality-target search: every candidate, and the layers kept in BF16."""
+    """The quality-target search: every candidate, and the layers kept in higher precision."""
     search = report.get("search") or {}
     candidates = search.get("candidates") or []
     if not search.get("target") or not candidates:
@@ -149,12 +154,12 @@ def _search(report: dict[str, Any]) -> list[str]:
         f"Target: {', '.join(f'{k} {v:g}' for k, v in search['target'].items())}."
         " Candidates measured on the held-out text, in the order tried:",
         "",
-        "| recipe | layers in BF16 | size | perplexity | KL | seconds | keeps target |",
+        "| recipe | layers kept | size | perplexity | KL | seconds | keeps target |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in candidates:
         out.append(
-            f"| {c['recipe']} | {len(c['kept'])} | {_gb(c['size_bytes'])} |"
+            f"| {c['recipe']} | {_kept(c)} | {_gb(c['size_bytes'])} |"
             f" {_num(c['ppl_change_pct'], '{:+.1f}%')} | {_num(c['kl'], '{:.4f}')} |"
             f" {c['wall_s']:.0f} | {'yes' if c['meets'] else 'no'} |"
         )
@@ -162,7 +167,8 @@ def _search(report: dict[str, Any]) -> list[str]:
     if kept:
         out += [
             "",
-            "Kept in BF16 by measured sensitivity (KL with only that layer quantized):",
+            f"Kept in {(report.get('kept_as') or 'bf16').upper()} by measured sensitivity"
+            " (KL with only that layer quantized):",
             "",
             *(f"- `{k}`: {_num(sens.get(k), '{:.4f}')}" for k in kept),
         ]

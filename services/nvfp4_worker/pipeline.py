@@ -282,6 +282,7 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
         "exclude_patterns": list(spec.exclude),
         "recipe": chosen.recipe,
         "kept_layers": list(chosen.kept),
+        "kept_as": chosen.kept_as if chosen.kept else None,
         "search": {
             "target": spec.target.model_dump(exclude_none=True) if spec.target else None,
             "candidates": [c.row() for c in outcome.candidates],
@@ -356,22 +357,28 @@ def _quantize(
         timings["calibrate"] = round(timings.get("calibrate", 0.0) + time.monotonic() - t, 3)
         return model
 
-    def size_of(recipe: str | None, kept: tuple[str, ...]) -> int:
-        keeps = RECIPES[recipe].keeps if recipe else ()
-        return checkpoint.estimate_output_bytes(
-            plan.source.path, spec.format, [*spec.exclude, *keeps, *(f"{k}." for k in kept)]
-        )
+    def size_of(recipe: str | None, kept: tuple[str, ...], precision: str = "bf16") -> int:
+        keeps = [*spec.exclude, *(RECIPES[recipe].keeps if recipe else ())]
+        layers = [f"{k}." for k in kept]
+        if precision == "fp8":
+            return checkpoint.estimate_output_bytes(plan.source.path, spec.format, keeps, layers)
+        return checkpoint.estimate_output_bytes(plan.source.path, spec.format, keeps + layers)
 
-    def measure(recipe: str | None, kept: tuple[str, ...]) -> search.Candidate:
+    def measure(
+        recipe: str | None, kept: tuple[str, ...], precision: str = "bf16"
+    ) -> search.Candidate:
         t = time.monotonic()
         name = recipe or spec.format.value
-        reporter.progress(Stage.EVALUATING, 0.0, f"measuring {name}, {len(kept)} layers kept")
+        reporter.progress(
+            Stage.EVALUATING, 0.0, f"measuring {name}, {len(kept)} layers in {precision.upper()}"
+        )
         with evaluate.quantized_weights(model):
             m = evaluate.measure(model, windows.held_out, device, base.reference)
         c = search.Candidate(
             recipe=name,
             kept=kept,
-            size_bytes=size_of(recipe, kept),
+            kept_as=precision,
+            size_bytes=size_of(recipe, kept, precision),
             perplexity=m.perplexity,
             ppl_change_pct=evaluate.change_pct(base.perplexity, m.perplexity),
             kl=m.kl,
@@ -388,7 +395,7 @@ def _quantize(
         candidates.append(c)
         if c.meets:
             return model, search.Outcome(c, candidates)
-    # 2. the closest recipe, keeping its most sensitive layers in BF16
+    # 2. the closest recipe, keeping its most sensitive layers in FP8, else in BF16
     closest = min(candidates, key=lambda c: (c.kl or 0.0, c.perplexity or 0.0))
     recipe = ladder[[c.recipe for c in candidates].index(closest.recipe)]
     if recipe != ladder[-1]:
@@ -406,14 +413,19 @@ def _quantize(
     sens = search.sensitivity(layers, probe, reporter.log)
     timings["sensitivity"] = round(time.monotonic() - t, 3)
     order = sorted(sens, key=lambda u: -sens[u])
-    chosen = search.keep_layers(
-        layers,
-        order,
-        lambda kept: measure(recipe, kept),
-        target,
-        lambda kept: size_of(recipe, kept),
-        candidates,
-    )
+    chosen = None
+    for precision in search.KEEP_PRECISIONS:
+        chosen = search.keep_layers(
+            layers,
+            order,
+            lambda kept, p: measure(recipe, kept, p),
+            target,
+            lambda kept, p: size_of(recipe, kept, p),
+            candidates,
+            precision,
+        )
+        if chosen is not None:
+            break
     outcome = search.Outcome(chosen, candidates, sens)
     if chosen is None:
         best = outcome.best
@@ -479,5 +491,6 @@ def _result(report: dict[str, Any], final: Path) -> JobResult:
         kl=ev.get("kl"),
         recipe=report.get("recipe"),
         kept_layers=report.get("kept_layers", []),
+        kept_as=report.get("kept_as"),
         duration_s=report["timings_s"].get("total", 0.0),
     )

@@ -4,10 +4,16 @@ Cheapest first. Each recipe of the ladder is calibrated and measured with every 
 quantized; the first that keeps the target wins. Otherwise the recipe that came closest
 (lowest KL) is kept, each decoder layer's sensitivity is measured (the KL divergence of
 the model with only that layer quantized, on a slice of the calibration text, so the
-held-out text stays a fair judge), and the most sensitive layers are kept in BF16: a
-bisection finds the fewest that keep the target, within the size budget. Keeping a
-layer disables its quantizers in place, which exports the same checkpoint as excluding
-it up front (every quantizer's calibration is its own), so no candidate recalibrates.
+held-out text stays a fair judge), and the most sensitive layers are kept in higher
+precision: FP8 first (8 bits a weight against BF16's 16), then BF16 if no number of FP8
+layers keeps the target. A bisection finds the fewest layers that keep it, within the
+size budget. No candidate recalibrates:
+- keeping a layer in BF16 disables its quantizers in place, which exports the same
+  checkpoint as excluding it up front (every quantizer's calibration is its own);
+- keeping it in FP8 swaps in per-tensor FP8 quantizers whose ranges come from what the
+  NVFP4 ones already hold: the weight's absolute maximum, and the input quantizer's
+  calibrated per-tensor amax (the same maximum FP8's max calibration would find).
+  ModelOpt exports such a model as MIXED_PRECISION, which vLLM loads (modelopt_mixed).
 """
 
 from __future__ import annotations
@@ -27,15 +33,20 @@ _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks)\.\d+)\.")
 _QUANTIZERS = ("weight_quantizer", "input_quantizer", "output_quantizer")
 
 
+# The precisions a layer can be kept in, cheapest first.
+KEEP_PRECISIONS = ("fp8", "bf16")
+
+
 @dataclass
 class Candidate:
     recipe: str
-    kept: tuple[str, ...]  # decoder layers kept in BF16, most sensitive first
+    kept: tuple[str, ...]  # decoder layers kept in higher precision, most sensitive first
     size_bytes: int  # estimated checkpoint size
     perplexity: float | None
     ppl_change_pct: float | None
     kl: float | None
     wall_s: float
+    kept_as: str = "bf16"  # the precision of the kept layers: "fp8" or "bf16"
     meets: bool = False
     why_not: str = ""
 
@@ -47,8 +58,13 @@ class Candidate:
     def describe(self) -> str:
         ppl = "n/a" if self.ppl_change_pct is None else f"{self.ppl_change_pct:+.1f}%"
         kl = "n/a" if self.kl is None else f"{self.kl:.4f}"
+        kept = (
+            f"{len(self.kept)} layers in {self.kept_as.upper()}"
+            if self.kept
+            else "every layer quantized"
+        )
         return (
-            f"{self.recipe}, {len(self.kept)} layers in BF16: perplexity {ppl}, KL {kl},"
+            f"{self.recipe}, {kept}: perplexity {ppl}, KL {kl},"
             f" {self.size_bytes / 1e9:.3f} GB"
         )
 
@@ -69,33 +85,67 @@ def judge(c: Candidate, target: QualityTarget) -> Candidate:
 
 
 class Layers:
-    """The quantized linear modules of each decoder layer, and switching them off."""
+    """The quantized linear modules of each decoder layer, and keeping them in higher
+    precision (in place, reversibly)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.units: dict[str, list[Any]] = {}
+        self.units: dict[str, list[torch.nn.Module]] = {}
         for name, module in model.named_modules():
             match = _LAYER.match(name + ".")
             if match is None or match.group(1) == name:
                 continue
-            quantizers = [
-                q
-                for q in (getattr(module, attr, None) for attr in _QUANTIZERS)
-                if q is not None and getattr(q, "is_enabled", False)
-            ]
-            if quantizers and hasattr(module, "weight"):
-                self.units.setdefault(match.group(1), []).extend(quantizers)
+            weight_q = getattr(module, "weight_quantizer", None)
+            if hasattr(module, "weight") and getattr(weight_q, "is_enabled", False):
+                self.units.setdefault(match.group(1), []).append(module)
+        # module -> its calibrated quantizers, and (made on first use) their FP8 twins
+        self._own = {m: _quantizers(m) for ms in self.units.values() for m in ms}
+        self._fp8: dict[torch.nn.Module, dict[str, Any]] = {}
         self.kept: set[str] = set()
+        self.kept_as = "bf16"
 
-    def keep(self, kept: Iterable[str]) -> None:
-        """Exactly these layers unquantized; the others as calibrated."""
+    def keep(self, kept: Iterable[str], precision: str = "bf16") -> None:
+        """Exactly these layers in `precision` ("fp8" or "bf16"); the others as calibrated."""
+        if precision not in KEEP_PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}")
         want = set(kept)
-        for unit, quantizers in self.units.items():
-            for q in quantizers:
-                if unit in want:
-                    q.disable()
-                else:
-                    q.enable()
-        self.kept = want
+        for unit, modules in self.units.items():
+            for module in modules:
+                own = self._own[module]
+                mode = precision if unit in want else "own"
+                chosen = self._fp8_twins(module) if mode == "fp8" else own
+                for attr, q in chosen.items():
+                    setattr(module, attr, q)
+                for q in own.values():
+                    q.disable() if mode == "bf16" else q.enable()
+        self.kept, self.kept_as = want, precision
+
+    def _fp8_twins(self, module: torch.nn.Module) -> dict[str, Any]:
+        if module not in self._fp8:
+            own = self._own[module]
+            twins = {"weight_quantizer": _fp8_quantizer(module.weight.detach().abs().amax())}
+            if "input_quantizer" in own:
+                amax = own["input_quantizer"].amax
+                if amax is None:  # never saw calibration data (an unused expert)
+                    raise ValueError("an input quantizer without calibrated range")
+                twins["input_quantizer"] = _fp8_quantizer(amax.detach().float().amax())
+            self._fp8[module] = twins
+        return self._fp8[module]
+
+
+def _quantizers(module: torch.nn.Module) -> dict[str, Any]:
+    """The module's enabled quantizers, by attribute name."""
+    found = {attr: getattr(module, attr, None) for attr in _QUANTIZERS}
+    return {a: q for a, q in found.items() if q is not None and getattr(q, "is_enabled", False)}
+
+
+def _fp8_quantizer(amax: torch.Tensor) -> Any:
+    """A per-tensor FP8 (E4M3) quantizer with its range set, as max calibration sets it."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    q = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3), axis=None))
+    q.amax = amax.float().reshape(())
+    return q
 
 
 @dataclass
@@ -115,8 +165,8 @@ class Outcome:
         )
 
 
-# (kept layers) -> candidate measured on the held-out text
-Evaluate = Callable[[tuple[str, ...]], Candidate]
+# (kept layers, their precision) -> candidate measured on the held-out text
+Evaluate = Callable[[tuple[str, ...], str], Candidate]
 # (layers) -> KL of the model with only these layers quantized, on the calibration slice
 Probe = Callable[[], float | None]
 
@@ -141,20 +191,21 @@ def keep_layers(
     order: list[str],
     evaluate: Evaluate,
     target: QualityTarget,
-    size_of: Callable[[tuple[str, ...]], int],
+    size_of: Callable[[tuple[str, ...], str], int],
     candidates: list[Candidate],
+    precision: str = "bf16",
 ) -> Candidate | None:
-    """Bisection for the fewest of the most sensitive layers to keep in BF16."""
-    # Keeping every layer would publish the original: at least one stays quantized.
-    most = len(order) - 1
+    """Bisection for the fewest of the most sensitive layers to keep in `precision`."""
+    # Keeping every layer in BF16 would publish the original: one stays quantized.
+    most = len(order) - (precision == "bf16")
     if target.max_size_gb is not None:
-        while most > 0 and size_of(tuple(order[:most])) > target.max_size_gb * 1e9:
+        while most > 0 and size_of(tuple(order[:most]), precision) > target.max_size_gb * 1e9:
             most -= 1
 
     def trial(k: int) -> Candidate:
         kept = tuple(order[:k])
-        layers.keep(kept)
-        c = judge(evaluate(kept), target)
+        layers.keep(kept, precision)
+        c = judge(evaluate(kept, precision), target)
         candidates.append(c)
         return c
 
@@ -172,5 +223,5 @@ def keep_layers(
     if best is None:
         layers.keep(())
         return None
-    layers.keep(best.kept)
+    layers.keep(best.kept, precision)
     return best

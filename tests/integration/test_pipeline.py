@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import pytest
 from safetensors import safe_open
 
+from nvfp4_common import checkpoint_files
 from nvfp4_common.jobs import JobSpec, QuantFormat
 from nvfp4_common.recipes import QualityTarget
 from nvfp4_common.settings import Settings
@@ -257,8 +257,9 @@ def test_existing_output_and_disk_space(settings: Settings, workspace: dict[str,
 @pytest.fixture(scope="module")
 def searched(workspace: dict[str, Path]) -> dict[str, Any]:
     """A job whose target (KL 1e-9) nothing keeps, so the search tries everything it can:
-    both recipes of the ladder with every layer quantized, then one layer kept. A spy on
-    `search.judge` (the real one still runs) records each candidate's numbers."""
+    both recipes of the ladder with every layer quantized, then one and two layers kept
+    in FP8, then one in BF16. A spy on `search.judge` (the real one still runs) records
+    each candidate's numbers."""
     models_dir = workspace["root"] / "searched-models"
     models_dir.mkdir()
     settings = Settings(
@@ -282,7 +283,7 @@ def searched(workspace: dict[str, Path]) -> dict[str, Any]:
         mp.setattr(search, "judge", spy)
         with pytest.raises(JobError) as err:
             pipeline.run(spec, settings, PrintReporter(), "job-search")
-    unique = {(c.recipe, c.kept): c for c in seen}
+    unique = {(c.recipe, c.kept, c.kept_as): c for c in seen}
     return {"error": str(err.value), "candidates": list(unique.values()), "settings": settings}
 
 
@@ -293,18 +294,19 @@ def test_unreachable_target_fails_naming_the_target_and_the_closest(
     assert "\n" not in message
     assert message.startswith("no candidate keeps the target (KL 1e-09 at most)")
     candidates = searched["candidates"]
-    assert {(c.recipe, len(c.kept)) for c in candidates} == {
-        ("nvfp4", 0),
-        ("nvfp4-4over6", 0),
-        ("nvfp4", 1),  # or the other recipe, if it came closer (then recalibrated)
-    } or {(c.recipe, len(c.kept)) for c in candidates} == {
-        ("nvfp4", 0),
-        ("nvfp4-4over6", 0),
-        ("nvfp4-4over6", 1),
+    tried = {(c.recipe, len(c.kept), c.kept_as if c.kept else None) for c in candidates}
+    kept_by = ({c.recipe for c in candidates if c.kept} or {"?"}).pop()  # the closer recipe
+    assert kept_by in ("nvfp4", "nvfp4-4over6")
+    assert tried == {
+        ("nvfp4", 0, None),
+        ("nvfp4-4over6", 0, None),
+        (kept_by, 1, "fp8"),  # FP8 first, up to every layer (still a quantized model)
+        (kept_by, 2, "fp8"),
+        (kept_by, 1, "bf16"),  # then BF16, never every layer (that is the original)
     }
     closest = min(candidates, key=lambda c: (c.kl, c.perplexity))
     assert f"the closest was {closest.describe()}" in message
-    assert "3 tried" in message
+    assert "5 tried" in message
     models_dir = searched["settings"].models_dir
     assert list(models_dir.iterdir()) == []  # no output, no staging folder
 
@@ -320,7 +322,7 @@ def test_unreachable_within_a_size_budget_keeps_no_layer(
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"no candidate keeps the target (KL 1e-09 at most, {budget:g} GB")
-    assert "0 layers in BF16" in message and "2 tried" in message
+    assert "every layer quantized" in message and "2 tried" in message
     assert list(settings.models_dir.iterdir()) == []
 
 
@@ -331,7 +333,7 @@ def test_reachable_target_keeps_layers_and_publishes(
 
     candidates = searched["candidates"]
     every_layer = min(c.kl for c in candidates if not c.kept)
-    kept_one = min(c.kl for c in candidates if c.kept)
+    kept_one = next(c.kl for c in candidates if len(c.kept) == 1 and c.kept_as == "fp8")
     assert kept_one < every_layer, "keeping the most sensitive layer must lower the KL"
     max_kl = math.sqrt(kept_one * every_layer)  # between the two: only keeping a layer holds
     spec = tiny_spec(workspace, target=QualityTarget(max_kl=max_kl))
@@ -348,19 +350,26 @@ def test_reachable_target_keeps_layers_and_publishes(
     assert set(report["search"]["sensitivity"]) == {"model.layers.0", "model.layers.1"}
     kept = report["kept_layers"]
     assert len(kept) == 1 and kept == rows[-1]["kept"] == result.kept_layers
+    assert report["kept_as"] == rows[-1]["kept_as"] == result.kept_as == "fp8"
     assert result.kl is not None and result.kl <= max_kl
     assert report["evaluation"]["kl"] == result.kl and result.recipe == report["recipe"]
+    # A MIXED_PRECISION export: the kept layer's linears FP8, the other layer's NVFP4.
     quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
-    for linear in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
-        assert any(fnmatch(f"{kept[0]}.{linear}", p) for p in quant["exclude_modules"]), linear
-    t = tensors(out)
-    assert t[f"{kept[0]}.mlp.down_proj.weight"][0] == "BF16"
+    assert quant["quant_algo"] == report["quant_algo"] == "MIXED_PRECISION"
     other = ({"model.layers.0", "model.layers.1"} - set(kept)).pop()
-    assert t[f"{other}.mlp.down_proj.weight"][0] == "U8"  # the other layer is NVFP4
+    for linear in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert quant["quantized_layers"][f"{kept[0]}.{linear}"]["quant_algo"] == "FP8"
+        assert quant["quantized_layers"][f"{other}.{linear}"]["quant_algo"] == "NVFP4"
+    assert checkpoint_files.quant_section(out) == quant  # serving accepts it
+    t = tensors(out)
+    assert t[f"{kept[0]}.mlp.down_proj.weight"][0] == "F8_E4M3"
+    assert t[f"{other}.mlp.down_proj.weight"][0] == "U8"  # two FP4 values a byte
+    assert result.output_bytes < result.source_bytes
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model_relation == "quantized"
     assert card.data.base_model == "tiny-qwen3"  # a local folder is named, not its path
     assert "## Quality target search" in card.text and f"- `{kept[0]}`" in card.text
+    assert "Kept in FP8 by measured sensitivity" in card.text
     section = card.text.split("## Quality target search")[1].split("\n## ")[0]
     rows_in_card = [line for line in section.splitlines() if line.startswith("| nvfp4")]
     assert len(rows_in_card) == 3 and rows_in_card[-1].endswith("| yes |")

@@ -1,5 +1,5 @@
-"""Every recipe's export loads and generates in vLLM (CPU), and so does one with layers kept
-in BF16.
+"""Every recipe's export loads and generates in vLLM (CPU), and so do the two kinds the
+quality search publishes: a layer kept in BF16, and a layer kept in FP8 (MIXED_PRECISION).
 
 The tiny Qwen3 is quantized with each recipe of nvfp4_common.recipes.RECIPES through the
 worker pipeline (real ModelOpt, in this interpreter); one .venv-serve interpreter then loads
@@ -84,11 +84,48 @@ def exports(
         )
         result = pipeline.run(spec, settings, PrintReporter(), f"job-{len(out)}")
         out[name] = Path(result.output_path)
+    out["nvfp4+fp8-layer"] = mixed_export(tiny_model, root / "mixed")
+    return out
+
+
+def mixed_export(source: Path, out: Path) -> Path:
+    """NVFP4 with one decoder layer kept in FP8, as the search keeps it (search.Layers)."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nvfp4_worker import cpu_ops, quantize, search
+
+    cpu_ops.install()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    data = torch.randint(0, model.config.vocab_size, (2, 64))
+
+    def loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            m(input_ids=data, use_cache=False)
+
+    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+    cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": False})
+    model = mtq.quantize(model, cfg, loop)
+    search.Layers(model).keep([KEPT_LAYER], "fp8")
+    quantize.export(model, AutoTokenizer.from_pretrained(source), out)
     return out
 
 
 def test_each_recipe_exports_a_standard_nvfp4_checkpoint(exports: dict[str, Path]) -> None:
+    mixed = json.loads((exports["nvfp4+fp8-layer"] / "hf_quant_config.json").read_text())
+    layers = mixed["quantization"]["quantized_layers"]
+    assert mixed["quantization"]["quant_algo"] == "MIXED_PRECISION"
+    assert {v["quant_algo"] for k, v in layers.items() if k.startswith(f"{KEPT_LAYER}.")} == {"FP8"}
+    assert {v["quant_algo"] for k, v in layers.items() if not k.startswith(f"{KEPT_LAYER}.")} == {
+        "NVFP4"
+    }
     for name, folder in exports.items():
+        if name == "nvfp4+fp8-layer":
+            continue
         quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
         assert quant["quant_algo"] == "NVFP4", name
         report = json.loads((folder / "report.json").read_text())

@@ -80,16 +80,17 @@ class Curve:
         self.kl = kl
         self.tried: list[int] = []
 
-    def size_of(self, kept: tuple[str, ...]) -> int:
-        return 100_000_000 + 10_000_000 * len(kept)
+    def size_of(self, kept: tuple[str, ...], precision: str = "bf16") -> int:
+        return 100_000_000 + (10_000_000 if precision == "bf16" else 4_000_000) * len(kept)
 
-    def evaluate(self, kept: tuple[str, ...]) -> search.Candidate:
+    def evaluate(self, kept: tuple[str, ...], precision: str = "bf16") -> search.Candidate:
         assert kept == tuple(ORDER[: len(kept)]), "only prefixes of the order are tried"
         self.tried.append(len(kept))
         return search.Candidate(
             recipe="nvfp4",
             kept=kept,
-            size_bytes=self.size_of(kept),
+            kept_as=precision,
+            size_bytes=self.size_of(kept, precision),
             perplexity=None,
             ppl_change_pct=None,
             kl=self.kl(len(kept)),
@@ -97,10 +98,14 @@ class Curve:
         )
 
 
-def bisect(curve: Curve, target: QualityTarget) -> tuple[search.Candidate | None, search.Layers]:
+def bisect(
+    curve: Curve, target: QualityTarget, precision: str = "bf16"
+) -> tuple[search.Candidate | None, search.Layers]:
     layers = search.Layers(torch.nn.Linear(2, 2))  # no quantizers: keep() only records
     candidates: list[search.Candidate] = []
-    chosen = search.keep_layers(layers, ORDER, curve.evaluate, target, curve.size_of, candidates)
+    chosen = search.keep_layers(
+        layers, ORDER, curve.evaluate, target, curve.size_of, candidates, precision
+    )
     assert [len(c.kept) for c in candidates] == curve.tried  # every trial is recorded
     return chosen, layers
 
@@ -145,6 +150,20 @@ def test_keep_layers_never_keeps_every_layer() -> None:
     assert chosen is None and layers.kept == set()
     assert len(ORDER) not in curve.tried and max(curve.tried) == len(ORDER) - 1
     assert min(curve.tried) >= 1  # nor is keeping none tried again
+
+
+def test_keep_layers_in_fp8_may_keep_every_layer() -> None:
+    """Pure logic: every layer in FP8 is still a quantized model, so it may be tried; the
+    FP8 size (4 MB a layer here) sets what fits the budget."""
+    curve = Curve(kl=lambda k: 0.0 if k == len(ORDER) else 1.0)
+    chosen, layers = bisect(curve, QualityTarget(max_kl=0.5), "fp8")
+    assert chosen is not None and chosen.kept == tuple(ORDER) and chosen.kept_as == "fp8"
+    assert layers.kept == set(ORDER) and layers.kept_as == "fp8"
+
+    curve = Curve()  # 1/(k+1) <= 0.15 needs 6 layers: 124 MB in FP8, 160 MB in BF16
+    chosen, _ = bisect(curve, QualityTarget(max_kl=0.15, max_size_gb=0.13), "fp8")
+    assert chosen is not None and len(chosen.kept) == 6
+    assert bisect(Curve(), QualityTarget(max_kl=0.15, max_size_gb=0.13))[0] is None
 
 
 def test_keep_layers_returns_none_when_nothing_meets() -> None:
@@ -205,16 +224,12 @@ def test_layers_groups_quantizers_by_decoder_layer(quantized: torch.nn.Module) -
     layers = search.Layers(quantized)
     assert list(layers.units) == ["model.layers.0", "model.layers.1"]  # lm_head is not one
     modules = dict(quantized.named_modules())
-    for unit, quantizers in layers.units.items():
-        want = []
-        for linear in LINEARS:
-            part = (
-                "self_attn" if linear.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            )
-            module = modules[f"{unit}.{part}.{linear}"]
-            want += [module.weight_quantizer, module.input_quantizer]  # both enabled
-        assert {id(q) for q in quantizers} == {id(q) for q in want}, unit
-        assert len(quantizers) == 2 * len(LINEARS)
+    for unit, linears in layers.units.items():
+        want = [
+            modules[f"{unit}.{'self_attn' if linear[0] in 'qkvo' else 'mlp'}.{linear}"]
+            for linear in LINEARS
+        ]
+        assert {id(m) for m in linears} == {id(m) for m in want}, unit
 
 
 def test_layers_keep_disables_and_reenables_exactly_them(quantized: torch.nn.Module) -> None:
@@ -237,6 +252,39 @@ def test_layers_keep_disables_and_reenables_exactly_them(quantized: torch.nn.Mod
     finally:
         layers.keep(())
     assert quantizer_states(quantized) == before
+
+
+def test_layers_keep_in_fp8_swaps_in_calibrated_fp8_quantizers(
+    quantized: torch.nn.Module,
+) -> None:
+    """Real ModelOpt: layer 0's linears get per-tensor E4M3 quantizers whose ranges are
+    the weight's absolute maximum and the NVFP4 input quantizer's calibrated amax; going
+    back restores the very same NVFP4 quantizer objects."""
+    layers = search.Layers(quantized)
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    own_w, own_i = q_proj.weight_quantizer, q_proj.input_quantizer
+    other = quantized.model.layers[1].self_attn.q_proj.weight_quantizer
+    try:
+        layers.keep(["model.layers.0"], "fp8")
+        w, i = q_proj.weight_quantizer, q_proj.input_quantizer
+        assert w is not own_w and i is not own_i
+        assert w.num_bits == (4, 3) and i.num_bits == (4, 3)
+        assert w.block_sizes is None and w.is_enabled and i.is_enabled
+        assert float(w.amax) == pytest.approx(float(q_proj.weight.abs().max()))
+        assert float(i.amax) == pytest.approx(float(own_i.amax.max()))
+        assert quantized.model.layers[1].self_attn.q_proj.weight_quantizer is other
+        x = torch.randn(3, q_proj.in_features)
+        with torch.no_grad():
+            err = (q_proj(x) - torch.nn.functional.linear(x, q_proj.weight)).abs().mean()
+        assert 0 < float(err) < 0.05 * float(q_proj(x).abs().mean())  # FP8: small, not zero
+        layers.keep(["model.layers.0"], "bf16")  # FP8 -> BF16 puts the NVFP4 ones back, off
+        assert q_proj.weight_quantizer is own_w and not own_w.is_enabled
+    finally:
+        layers.keep(())
+    assert q_proj.weight_quantizer is own_w and q_proj.input_quantizer is own_i
+    assert own_w.is_enabled and own_i.is_enabled
+    with pytest.raises(ValueError, match="unknown precision"):
+        layers.keep(["model.layers.0"], "int8")
 
 
 # --- evaluate.measure ------------------------------------------------------------------
