@@ -63,10 +63,7 @@ class Candidate:
             if self.kept
             else "every layer quantized"
         )
-        return (
-            f"{self.recipe}, {kept}: perplexity {ppl}, KL {kl},"
-            f" {self.size_bytes / 1e9:.3f} GB"
-        )
+        return f"{self.recipe}, {kept}: perplexity {ppl}, KL {kl}, {self.size_bytes / 1e9:.3f} GB"
 
 
 def judge(c: Candidate, target: QualityTarget) -> Candidate:
