@@ -71,6 +71,19 @@ def scale_compose(
         client.ping()
     except DockerException as e:
         raise ScaleError(f"cannot reach the Docker engine: {e}") from None
+    try:
+        before = _scale_containers(client, project, service, replicas, stop_timeout_s)
+    except DockerException as e:
+        # The engine's own reason, on one line (an API error's explanation is its message).
+        reason = " ".join(str(getattr(e, "explanation", None) or e).split())
+        raise ScaleError(f"the container engine refused to scale {service}: {reason}") from None
+    return ScaleResult(before=before, after=replicas, target=f"compose {project}/{service}")
+
+
+def _scale_containers(
+    client: Any, project: str, service: str, replicas: int, stop_timeout_s: int
+) -> int:
+    """Start or stop the service's containers until `replicas` run; returns how many ran."""
     labels = [f"{PROJECT_LABEL}={project}", f"{SERVICE_LABEL}={service}"]
     containers = client.containers.list(all=True, filters={"label": labels})
     if not containers:
@@ -100,7 +113,7 @@ def scale_compose(
                     created["Id"], net, aliases=[service, *(endpoint.get("Aliases") or [])]
                 )
             client.api.start(created["Id"])
-    return ScaleResult(before=before, after=replicas, target=f"compose {project}/{service}")
+    return before
 
 
 def clone_config(
@@ -110,6 +123,13 @@ def clone_config(
     config = {k: v for k, v in inspected["Config"].items() if k not in ("Hostname", "MacAddress")}
     config["Labels"] = {**(config.get("Labels") or {}), NUMBER_LABEL: str(number)}
     config["HostConfig"] = dict(inspected["HostConfig"])
+    if config["HostConfig"].get("Ulimits"):
+        # Podman's inspect names them "RLIMIT_NOFILE", which its own create (and Docker's)
+        # rejects as "invalid ulimit type": Docker's names are "nofile".
+        config["HostConfig"]["Ulimits"] = [
+            {**u, "Name": u["Name"].lower().removeprefix("rlimit_")}
+            for u in config["HostConfig"]["Ulimits"]
+        ]
     networks = list(inspected["NetworkSettings"]["Networks"].items())
     if networks:
         net, endpoint = networks[0]

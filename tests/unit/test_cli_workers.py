@@ -78,6 +78,7 @@ class FakeDocker:
         self.containers: dict[str, dict[str, Any]] = {}
         self.stops: list[tuple[str, str]] = []
         self.connects: list[tuple[str, str]] = []
+        self.refuse_create: str | None = None  # an engine error message for /containers/create
 
     def add(self, project: str, service: str, number: int, running: bool = True) -> None:
         cid = f"{project}{service}{number}".ljust(64, "0")
@@ -123,6 +124,8 @@ class FakeDocker:
                 if matches and (query.get("all") or c["State"]["Status"] == "running"):
                     out.append({"Id": c["Id"], "Names": [c["Name"]], "Labels": labels})
             return 200, out
+        if path == "/containers/create" and self.refuse_create:
+            return 500, {"message": self.refuse_create}
         if path == "/containers/create":
             cid = f"new{len(self.containers)}".ljust(64, "0")
             net = dict(body.get("NetworkingConfig", {}).get("EndpointsConfig", {}))
@@ -279,6 +282,37 @@ def test_clone_config_keeps_other_aliases() -> None:
         "quantizer",
         "worker",
     ]
+
+
+def test_clone_config_uses_docker_ulimit_names() -> None:
+    """Podman's inspect says RLIMIT_NOFILE; its create, like Docker's, wants nofile."""
+    fake = FakeDocker()
+    fake.add("p", "worker", 1)
+    (inspected,) = fake.containers.values()
+    inspected["HostConfig"]["Ulimits"] = [
+        {"Name": "RLIMIT_NOFILE", "Soft": 1024, "Hard": 4096},
+        {"Name": "nproc", "Soft": 64, "Hard": 64},
+    ]
+    config, _ = clone_config(inspected, "p", "worker", 2)
+    assert config["HostConfig"]["Ulimits"] == [
+        {"Name": "nofile", "Soft": 1024, "Hard": 4096},
+        {"Name": "nproc", "Soft": 64, "Hard": 64},
+    ]
+    assert inspected["HostConfig"]["Ulimits"][0]["Name"] == "RLIMIT_NOFILE"  # not changed
+
+
+def test_compose_engine_refusal_is_one_line(
+    fake_docker: FakeDocker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_docker.add("nvfp4-stack", "worker", 1)
+    fake_docker.refuse_create = "invalid ulimit type:\nRLIMIT_NOFILE"
+    monkeypatch.setenv("NVFP4_COMPOSE_MAX_WORKERS", "2")
+    out = CliRunner().invoke(cli, ["workers", "scale", "2", "--mode", "compose"])
+    assert out.exit_code == 1, out.output
+    assert out.output == (
+        "Error: the container engine refused to scale worker: invalid ulimit type: RLIMIT_NOFILE\n"
+    )
+    assert _names(fake_docker) == ["/nvfp4-stack-worker-1"]  # nothing else changed
 
 
 # --- Kubernetes ----------------------------------------------------------------------------
