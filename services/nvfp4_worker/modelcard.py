@@ -78,6 +78,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"- Quantized layers: {werr.get('layers', 'n/a')}",
         f"- Kept in BF16: {excluded}",
+        *_kept_line(report),
         f"- Checkpoint: `hf_quant_config.json` (quant_algo `{report['quant_algo']}`),"
         " `config.json` with `quantization_config` (`quant_method: modelopt`).",
         "",
@@ -134,6 +135,17 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _kept_line(report: dict[str, Any]) -> list[str]:
+    """The decoder layers the search kept in FP8 (a MIXED_PRECISION checkpoint)."""
+    kept = report.get("kept_layers") or []
+    if report.get("kept_as") != "fp8" or not kept:
+        return []
+    return [
+        f"- Kept in FP8 (E4M3 weights and activations, one FP32 scale per tensor): the linear"
+        f" layers of {len(kept)} decoder layers, by measured sensitivity (below)"
+    ]
 
 
 def _kept(c: dict[str, Any]) -> str:

@@ -370,6 +370,7 @@ def test_reachable_target_keeps_layers_and_publishes(
     assert card.data.base_model == "tiny-qwen3"  # a local folder is named, not its path
     assert "## Quality target search" in card.text and f"- `{kept[0]}`" in card.text
     assert "Kept in FP8 by measured sensitivity" in card.text
+    assert "- Kept in FP8 (E4M3 weights and activations" in card.text
     section = card.text.split("## Quality target search")[1].split("\n## ")[0]
     rows_in_card = [line for line in section.splitlines() if line.startswith("| nvfp4")]
     assert len(rows_in_card) == 3 and rows_in_card[-1].endswith("| yes |")
