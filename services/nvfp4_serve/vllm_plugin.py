@@ -12,7 +12,13 @@ FP8 layers (an FP8 checkpoint, or the FP8 layers of a MIXED_PRECISION one) load 
 vLLM's own CPU FP8 kernels. Loading requantizes fused layers (QKV, gate/up) to one
 per-tensor scale through `ops.scaled_fp8_quant`, whose static form is a stub in the CPU
 build ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)"); `_static_fp8_quant`
-is the same rounding in torch, used only for that per-tensor case.
+is the same rounding in torch, used only for that per-tensor case. vLLM's CPU FP8 kernel
+needs AMX, and some processes (seen in Ray Serve replicas) find none; vLLM's next choice
+there, `torch._scaled_mm` on CPU, hangs, and its fused SiLU + FP8 quantization calls an op
+the CPU build lacks (`_C.silu_and_mul_quant`). So `CachedEmulationFp8LinearKernel` comes
+right after the AMX kernel: the weight dequantized once at load, the activation
+quantize-dequantized to FP8 with its calibrated scale per call (W8A8, as on GPUs), and
+that fusion is dropped.
 
 Never a silent BF16 fallback: the layers keep their packed uint8 weights and
 scales, and vLLM logs the chosen kernel ("Using CachedEmulationNvFp4LinearKernel
@@ -86,6 +92,47 @@ def _kernel_classes() -> tuple[type, type]:
     return CachedEmulationNvFp4LinearKernel, CountingEmulationNvFp4LinearKernel
 
 
+def _fp8_kernel_class() -> type:
+    import torch
+    from vllm.model_executor.kernels.linear.scaled_mm.pytorch import (
+        PerTensorTorchFP8ScaledMMLinearKernel,
+    )
+    from vllm.platforms import current_platform
+
+    class CachedEmulationFp8LinearKernel(PerTensorTorchFP8ScaledMMLinearKernel):
+        """Per-tensor FP8 in plain torch: the weight dequantized once, at load."""
+
+        @classmethod
+        def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
+            return (True, None) if current_platform.is_cpu() else (False, "CPU only")
+
+        def input_quant_key(self) -> Any:
+            return None  # takes the activation unquantized and quantizes it itself
+
+        def process_weights_after_loading(self, layer: Any) -> None:
+            w_name, w_s_name, _, _ = self.layer_param_names
+            weight = getattr(layer, w_name)  # (K, N) FP8 after Fp8LinearMethod's transpose
+            dtype = getattr(layer, "orig_dtype", None) or torch.bfloat16
+            w = weight.float() * getattr(layer, w_s_name).float()
+            layer.register_buffer("fp8_dequant_weight", w.to(dtype), persistent=False)
+            LOADED["fp8"] = LOADED.get("fp8", 0) + 1
+
+        def apply_weights(
+            self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            w = layer.fp8_dequant_weight
+            _, _, x_s_name, _ = self.layer_param_names
+            scale = getattr(layer, x_s_name, None)
+            if scale is not None:  # static per-tensor activation scale, as ModelOpt writes
+                limit = torch.finfo(torch.float8_e4m3fn).max
+                q = (x.float() / scale.float()).clamp(-limit, limit).to(torch.float8_e4m3fn)
+                x = (q.float() * scale.float()).to(w.dtype)
+            out = torch.matmul(x.to(w.dtype), w)
+            return out + bias if bias is not None else out
+
+    return CachedEmulationFp8LinearKernel
+
+
 def _static_fp8_quant(original: Any) -> Any:
     """`ops.scaled_fp8_quant` with a per-tensor static scale done in torch on CPU."""
     import torch
@@ -109,6 +156,30 @@ def _static_fp8_quant(original: Any) -> Any:
 
     scaled_fp8_quant.nvfp4_serve = True  # type: ignore[attr-defined]
     return scaled_fp8_quant
+
+
+def _register_fp8_fallback() -> None:
+    """Our FP8 kernel right after vLLM's AMX one, before `torch._scaled_mm`."""
+    from vllm.model_executor.kernels import linear
+    from vllm.platforms import PlatformEnum
+
+    kernels = linear._POSSIBLE_FP8_KERNELS[PlatformEnum.CPU]
+    if any(k.__name__ == "CachedEmulationFp8LinearKernel" for k in kernels):
+        return
+    amx = [i for i, k in enumerate(kernels) if k.__name__ == "CPUFp8PerTensorScaledMMLinearKernel"]
+    kernels.insert(amx[0] + 1 if amx else 0, _fp8_kernel_class())
+
+
+def _drop_missing_fusions() -> None:
+    """Forget vLLM's fused activation+quantization producers whose op is not built."""
+    import torch
+    from vllm.model_executor.layers.fusion import fused_act_quant
+
+    for key, producer in list(fused_act_quant._FUSED_ACT_QUANT.items()):
+        if producer is fused_act_quant._silu_and_mul_fp8_static and not hasattr(
+            torch.ops._C, "silu_and_mul_quant"
+        ):
+            del fused_act_quant._FUSED_ACT_QUANT[key]
 
 
 def register() -> None:
@@ -135,6 +206,8 @@ def register() -> None:
 
     if not getattr(ops.scaled_fp8_quant, "nvfp4_serve", False):
         ops.scaled_fp8_quant = _static_fp8_quant(ops.scaled_fp8_quant)
+    _drop_missing_fusions()
+    _register_fp8_fallback()
     _registered = True
     logger.info(
         "nvfp4_serve: NVFP4 emulation kernels and static FP8 quantization registered for CPU"

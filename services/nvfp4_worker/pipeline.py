@@ -369,9 +369,8 @@ def _quantize(
     ) -> search.Candidate:
         t = time.monotonic()
         name = recipe or spec.format.value
-        reporter.progress(
-            Stage.EVALUATING, 0.0, f"measuring {name}, {len(kept)} layers in {precision.upper()}"
-        )
+        what = f"{len(kept)} layers in {precision.upper()}" if kept else "every layer quantized"
+        reporter.progress(Stage.EVALUATING, 0.0, f"measuring {name}, {what}")
         with evaluate.quantized_weights(model):
             m = evaluate.measure(model, windows.held_out, device, base.reference)
         c = search.Candidate(
