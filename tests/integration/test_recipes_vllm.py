@@ -36,12 +36,20 @@ import gc, json, sys
 def main():
     from vllm import LLM, SamplingParams
 
+    import torch
+    from nvfp4_serve import vllm_plugin
+
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    amx = torch.cpu._is_amx_tile_supported
     for name, folder in json.loads(sys.argv[1]).items():
+        # "(no AMX)": as in a process where vLLM's AMX FP8 kernel is unavailable
+        torch.cpu._is_amx_tile_supported = (lambda: False) if "no AMX" in name else amx
+        before = vllm_plugin.LOADED.get("fp8", 0)
         try:
             llm = LLM(model=folder, enforce_eager=True, max_model_len=256, seed=0)
             out = llm.generate(["The sea is"], params, use_tqdm=False)[0].outputs[0]
-            result = {"name": name, "tokens": len(out.token_ids), "text": out.text}
+            result = {"name": name, "tokens": len(out.token_ids), "text": out.text,
+                      "fp8_emulated": vllm_plugin.LOADED.get("fp8", 0) - before}
             del llm
         except Exception as exc:  # report it and go on: one line per folder
             result = {"name": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -145,6 +153,7 @@ def test_vllm_loads_and_generates_with_every_export(exports: dict[str, Path]) ->
         "VLLM_HOST_IP": "127.0.0.1",
     }
     folders = {name: str(folder) for name, folder in exports.items()}
+    folders["nvfp4+fp8-layer (no AMX)"] = folders["nvfp4+fp8-layer"]
     proc = subprocess.run(
         [str(SERVE_PYTHON), "-c", LOAD_EACH, json.dumps(folders)],
         env=env,
@@ -164,3 +173,5 @@ def test_vllm_loads_and_generates_with_every_export(exports: dict[str, Path]) ->
     assert not failed, failed
     for name, r in results.items():
         assert r["tokens"] == 8, (name, r)
+    # Without AMX the FP8 layers (4 fused linears of one decoder layer) run on our kernel.
+    assert results["nvfp4+fp8-layer (no AMX)"]["fp8_emulated"] == 4, results
