@@ -59,6 +59,18 @@ async def _openai_validation_error(request: Request, exc: Exception) -> Response
     return Response(body, status_code=400, media_type="application/json")
 
 
+async def _body_validator_crash(request: Request, exc: Exception) -> Response:
+    """A request body that crashes vLLM's own validators (they call `.get` on a field the
+    client sent as a number: `"structured_outputs": 3`) is the client's error: 400, not
+    Ray's 500. Only errors raised while FastAPI validates the body are answered so."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_name != "request_body_to_args":
+        tb = tb.tb_next
+    if tb is None:
+        raise exc
+    return _error(400, f"invalid request body: {exc}", "invalid_request_error")
+
+
 def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
     body = error_body(message, code, param=param)
     return Response(body, status_code=status, media_type="application/json")
@@ -151,7 +163,12 @@ class NVFP4Ingress(IngressHooks):
         problem = chat_messages_problem(body.messages)
         if problem:
             return _error(400, problem, "invalid_value", param="messages")
-        return await super().chat(body, request)
+        try:
+            return await super().chat(body, request)
+        except ValueError as exc:
+            # Ray's request sanitizer refuses message contents our check let through
+            # ("Validating message `content` raised an error"): the client's error.
+            return _error(400, str(exc), "invalid_value", param="messages")
 
     # The served checkpoints are text generators: Ray's ingress would forward these to
     # the engine, which fails with a 500 and a traceback. Say so instead.
@@ -180,6 +197,8 @@ class NVFP4Ingress(IngressHooks):
             app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
             app.add_exception_handler(HTTPException, _openai_http_error)
             app.add_exception_handler(RequestValidationError, _openai_validation_error)
+            for error in (AttributeError, TypeError):
+                app.add_exception_handler(error, _body_validator_crash)
             app.add_middleware(OpenAIErrorBodies)
             # Added last, so it is the outermost layer: a request without a valid key
             # reaches none of Ray's handlers.

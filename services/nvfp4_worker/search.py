@@ -96,7 +96,7 @@ class Layers:
                 self.units.setdefault(match.group(1), []).append(module)
         # module -> its calibrated quantizers, and (made on first use) their FP8 twins
         self._own = {m: _quantizers(m) for ms in self.units.values() for m in ms}
-        self._fp8: dict[torch.nn.Module, dict[str, Any]] = {}
+        self._fp8: dict[torch.nn.Module, dict[str, Any] | None] = {}
         self.kept: set[str] = set()
         self.kept_as = "bf16"
 
@@ -109,21 +109,27 @@ class Layers:
             for module in modules:
                 own = self._own[module]
                 mode = precision if unit in want else "own"
-                chosen = self._fp8_twins(module) if mode == "fp8" else own
+                twins = self._fp8_twins(module) if mode == "fp8" else None
+                if mode == "fp8" and twins is None:
+                    mode = "bf16"  # no calibrated input range to give FP8: keep it in BF16
+                chosen = twins or own
                 for attr, q in chosen.items():
                     setattr(module, attr, q)
                 for q in own.values():
                     q.disable() if mode == "bf16" else q.enable()
         self.kept, self.kept_as = want, precision
 
-    def _fp8_twins(self, module: torch.nn.Module) -> dict[str, Any]:
+    def _fp8_twins(self, module: torch.nn.Module) -> dict[str, Any] | None:
+        """FP8 quantizers for the module, or None when its input never saw calibration
+        data (an MoE expert no calibration token was routed to)."""
         if module not in self._fp8:
             own = self._own[module]
+            amax = own["input_quantizer"].amax if "input_quantizer" in own else None
+            if "input_quantizer" in own and amax is None:
+                self._fp8[module] = None
+                return None
             twins = {"weight_quantizer": _fp8_quantizer(module.weight.detach().abs().amax())}
-            if "input_quantizer" in own:
-                amax = own["input_quantizer"].amax
-                if amax is None:  # never saw calibration data (an unused expert)
-                    raise ValueError("an input quantizer without calibrated range")
+            if amax is not None:
                 twins["input_quantizer"] = _fp8_quantizer(amax.detach().float().amax())
             self._fp8[module] = twins
         return self._fp8[module]

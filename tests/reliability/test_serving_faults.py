@@ -74,6 +74,19 @@ _SMALL = {"max_tokens": 4, "max_completion_tokens": 4, "n": 1, "best_of": 1, "lo
           "top_logprobs": None, "prompt_logprobs": None}  # fmt: skip
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_body_that_crashes_vllms_validators_is_a_400(cluster: ServeCluster, route: str) -> None:
+    """vLLM's request validators call `.get` on `structured_outputs`; a number there must
+    be the client's 400 in OpenAI's shape, not a 500 (found by the fuzzing test below)."""
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 2, "structured_outputs": 3}
+    body |= (
+        {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
+    )
+    r = httpx.post(f"{cluster.base_url}{route}", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("invalid request body:"), r.text
+
+
 def test_generated_requests_never_get_a_server_error(
     cluster: ServeCluster, record_stat: Callable[..., None]
 ) -> None:

@@ -287,6 +287,22 @@ def test_layers_keep_in_fp8_swaps_in_calibrated_fp8_quantizers(
         layers.keep(["model.layers.0"], "int8")
 
 
+def test_layers_keep_in_fp8_leaves_an_uncalibrated_module_in_bf16(
+    quantized: torch.nn.Module,
+) -> None:
+    """An input quantizer that never saw data (an MoE expert no token reached) has no range
+    to give FP8: that module is kept in BF16 (quantizers off), its neighbours in FP8."""
+    model = copy.deepcopy(quantized)
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj.input_quantizer.reset_amax()
+    layers = search.Layers(model)
+    layers.keep(["model.layers.0"], "fp8")
+    assert not mlp.down_proj.weight_quantizer.is_enabled  # BF16
+    assert mlp.up_proj.weight_quantizer.num_bits == (4, 3)  # FP8
+    layers.keep(())
+    assert mlp.down_proj.weight_quantizer.is_enabled and mlp.down_proj.weight_quantizer.block_sizes
+
+
 # --- evaluate.measure ------------------------------------------------------------------
 
 
