@@ -3,7 +3,6 @@ it) quantized on CUDA and served by vLLM on the GPU."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from devkit.models import quantize_mixed
 
 from .support import needs_cuda
 
@@ -37,28 +38,8 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def mixed(small_bf16: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import modelopt.torch.quantization as mtq
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nvfp4_worker import quantize, search
-
     source, _ = small_bf16
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).cuda().eval()
-    torch.manual_seed(0)
-    data = torch.randint(0, model.config.vocab_size, (4, 128), device="cuda")
-
-    def loop(m: torch.nn.Module) -> None:
-        with torch.no_grad():
-            m(input_ids=data, use_cache=False)
-
-    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
-    cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": False})
-    model = mtq.quantize(model, cfg, loop)
-    search.Layers(model).keep([KEPT], "fp8")
-    out = tmp_path_factory.mktemp("mixed") / "small-mixed"
-    quantize.export(model, AutoTokenizer.from_pretrained(source), out)
-    return out
+    return quantize_mixed(source, tmp_path_factory.mktemp("mixed") / "small-mixed", KEPT, "cuda")
 
 
 def test_vllm_serves_a_mixed_precision_export_on_the_gpu(mixed: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from devkit.models import quantize_mixed
 from nvfp4_common.jobs import JobSpec
 from nvfp4_common.recipes import RECIPES
 from nvfp4_common.settings import Settings
@@ -92,34 +93,7 @@ def exports(
         )
         result = pipeline.run(spec, settings, PrintReporter(), f"job-{len(out)}")
         out[name] = Path(result.output_path)
-    out["nvfp4+fp8-layer"] = mixed_export(tiny_model, root / "mixed")
-    return out
-
-
-def mixed_export(source: Path, out: Path) -> Path:
-    """NVFP4 with one decoder layer kept in FP8, as the search keeps it (search.Layers)."""
-    import copy
-
-    import modelopt.torch.quantization as mtq
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from nvfp4_worker import cpu_ops, quantize, search
-
-    cpu_ops.install()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    data = torch.randint(0, model.config.vocab_size, (2, 64))
-
-    def loop(m: torch.nn.Module) -> None:
-        with torch.no_grad():
-            m(input_ids=data, use_cache=False)
-
-    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
-    cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": False})
-    model = mtq.quantize(model, cfg, loop)
-    search.Layers(model).keep([KEPT_LAYER], "fp8")
-    quantize.export(model, AutoTokenizer.from_pretrained(source), out)
+    out["nvfp4+fp8-layer"] = quantize_mixed(tiny_model, root / "mixed", KEPT_LAYER)
     return out
 
 
