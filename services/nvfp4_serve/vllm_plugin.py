@@ -14,11 +14,11 @@ per-tensor scale through `ops.scaled_fp8_quant`, whose static form is a stub in 
 build ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)"); `_static_fp8_quant`
 is the same rounding in torch, used only for that per-tensor case. vLLM's CPU FP8 kernel
 needs AMX, and some processes (seen in Ray Serve replicas) find none; vLLM's next choice
-there, `torch._scaled_mm` on CPU, hangs, and its fused SiLU + FP8 quantization calls an op
-the CPU build lacks (`_C.silu_and_mul_quant`). So `CachedEmulationFp8LinearKernel` comes
-right after the AMX kernel: the weight dequantized once at load, the activation
-quantize-dequantized to FP8 with its calibrated scale per call (W8A8, as on GPUs), and
-that fusion is dropped.
+there, `torch._scaled_mm` on CPU, hangs, and takes activations pre-quantized by a fused
+SiLU + FP8 op the CPU build lacks (`_C.silu_and_mul_quant`). So
+`CachedEmulationFp8LinearKernel` comes right after the AMX kernel: the weight dequantized
+once at load, the activation quantize-dequantized to FP8 with its calibrated scale per
+call (W8A8, as on GPUs); it asks for unquantized input, so that fusion never runs.
 
 Never a silent BF16 fallback: the layers keep their packed uint8 weights and
 scales, and vLLM logs the chosen kernel ("Using CachedEmulationNvFp4LinearKernel
@@ -124,13 +124,19 @@ def _fp8_kernel_class() -> type:
             _, _, x_s_name, _ = self.layer_param_names
             scale = getattr(layer, x_s_name, None)
             if scale is not None:  # static per-tensor activation scale, as ModelOpt writes
-                limit = torch.finfo(torch.float8_e4m3fn).max
-                q = (x.float() / scale.float()).clamp(-limit, limit).to(torch.float8_e4m3fn)
-                x = (q.float() * scale.float()).to(w.dtype)
+                x = (_to_fp8(x, scale).float() * scale.float()).to(w.dtype)
             out = torch.matmul(x.to(w.dtype), w)
             return out + bias if bias is not None else out
 
     return CachedEmulationFp8LinearKernel
+
+
+def _to_fp8(x: Any, scale: Any) -> Any:
+    """x / scale rounded to FP8 E4M3, saturating: vLLM's static per-tensor quantization."""
+    import torch
+
+    limit = torch.finfo(torch.float8_e4m3fn).max
+    return (x.float() / scale.float()).clamp(-limit, limit).to(torch.float8_e4m3fn)
 
 
 def _static_fp8_quant(original: Any) -> Any:
@@ -146,9 +152,7 @@ def _static_fp8_quant(original: Any) -> Any:
     ) -> Any:
         if scale is None or scale.numel() != 1 or args or kwargs.get("num_token_padding"):
             return original(input, scale, *args, output=output, **kwargs)
-        fp8 = torch.float8_e4m3fn
-        limit = torch.finfo(fp8).max
-        q = (input.float() / scale.float()).clamp(-limit, limit).to(fp8)
+        q = _to_fp8(input, scale)
         if output is not None:
             output.copy_(q)
             q = output
@@ -168,18 +172,6 @@ def _register_fp8_fallback() -> None:
         return
     amx = [i for i, k in enumerate(kernels) if k.__name__ == "CPUFp8PerTensorScaledMMLinearKernel"]
     kernels.insert(amx[0] + 1 if amx else 0, _fp8_kernel_class())
-
-
-def _drop_missing_fusions() -> None:
-    """Forget vLLM's fused activation+quantization producers whose op is not built."""
-    import torch
-    from vllm.model_executor.layers.fusion import fused_act_quant
-
-    for key, producer in list(fused_act_quant._FUSED_ACT_QUANT.items()):
-        if producer is fused_act_quant._silu_and_mul_fp8_static and not hasattr(
-            torch.ops._C, "silu_and_mul_quant"
-        ):
-            del fused_act_quant._FUSED_ACT_QUANT[key]
 
 
 def register() -> None:
@@ -206,7 +198,6 @@ def register() -> None:
 
     if not getattr(ops.scaled_fp8_quant, "nvfp4_serve", False):
         ops.scaled_fp8_quant = _static_fp8_quant(ops.scaled_fp8_quant)
-    _drop_missing_fusions()
     _register_fp8_fallback()
     _registered = True
     logger.info(
