@@ -12,10 +12,13 @@
 #   bench/gpu_run.sh tests      # pytest tests/gpu (needs redis: carry .whl/ with its wheel)
 #   bench/gpu_run.sh serve      # 8B-shaped BF16 model; our endpoint at concurrency 1 16 64 128
 #   bench/gpu_run.sh plain      # plain vLLM OpenAI server at the same levels (the baseline)
-#   bench/gpu_run.sh variant direct-ingress|mode-off   # one more configuration of ours
+#   bench/gpu_run.sh variant direct-ingress|mode-off|NAME=KEY=VALUE,...  # one more
+#                               # configuration of ours (Ray env KEY, else a build_app arg)
 #   bench/gpu_run.sh search [plain layerwise search]   # a plain job, a layer-by-layer one,
 #                               # one whose target forces the full search (default: all three)
 #
+# GPU_CONCURRENCY="1 16 64" sets the levels; PROFILE_S=20 also records every serving process
+# with py-spy for 20 s at 64 streams after each server's levels (bench/devkit/pyspy.py).
 # "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS, throughput-
 # optimized Ray Serve); the variants are direct ingress on and the mode off (Ray's defaults).
 # Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
@@ -26,7 +29,7 @@ MODELS=${NVFP4_GPU_MODELS:-/tmp/models}
 RESULTS=${OUT:-bench/results}
 BF16=$MODELS/qwen3-8b-shaped-bf16
 SERVE_JSON=$MODELS/gpu_serve-throughput-defaults.json
-CONCURRENCY=(1 16 64 128)
+read -r -a CONCURRENCY <<<"${GPU_CONCURRENCY:-1 16 64 128}"
 mkdir -p "$MODELS/vllm-bench" "$RESULTS"
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false
@@ -48,7 +51,8 @@ serve_bench() {
     python3 bench/gpu_serve.py --model "$BF16" --ray-prefix /tmp/site --log-dir "$MODELS" \
         --concurrency "${CONCURRENCY[@]}" --vllm-bench --vllm-bin /tmp/site/bin/vllm \
         --vllm-bench-min-prompts 16 --vllm-bench-dir "$MODELS/vllm-bench" \
-        --deadline-s "${DEADLINE_S:-500}" --out "$SERVE_JSON" "$@" || rc=$?
+        --deadline-s "${DEADLINE_S:-500}" --out "$SERVE_JSON" \
+        ${PROFILE_S:+--profile-s "$PROFILE_S"} "$@" || rc=$?
     cp "$SERVE_JSON" "$RESULTS/" 2>/dev/null || true
     versions >"$RESULTS/gpu_run-versions.json" || true
     return "$rc"
@@ -102,7 +106,8 @@ variant)
     case "${2:-}" in
     direct-ingress) spec="direct-ingress=RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
     mode-off) spec="mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
-    *) echo "variant: direct-ingress or mode-off"; exit 2 ;;
+    *=*) spec=$2 ;;  # NAME=KEY=VALUE,... (gpu_serve.py --variant)
+    *) echo "variant: direct-ingress, mode-off or NAME=KEY=VALUE,..."; exit 2 ;;
     esac
     serve_bench --append --skip-ours --skip-plain --variant "$spec"
     ;;

@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ import httpx
 from gpu_vllm import CAPTURE_SIZES, engine_kwargs
 from serve_overhead import parse_variant
 
-from devkit import serve_cluster, text, vllm_bench
+from devkit import pyspy, serve_cluster, text, vllm_bench
 from nvfp4_admin.loadgen import LevelStats, LoadGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,34 @@ def bench_target(label: str, base: str, key: str | None, args: argparse.Namespac
             row["vllm_bench"] = run_vllm_bench(label, base, key, conc, args)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if args.profile_s:
+        result = profile_under_load(base, key, rows, args, prompt)
+        print(json.dumps({"profile": label, **result})[:4000], flush=True)
+        args.profiles[label] = result
     return rows
+
+
+def profile_under_load(
+    base: str, key: str | None, rows: list[dict], args: argparse.Namespace, prompt: str
+) -> dict[str, Any]:
+    """py-spy on every serving process while `--profile-concurrency` streams run."""
+    conc = args.profile_concurrency
+    measured = next((r["tok_s"] for r in rows if r["concurrency"] == conc), 1000.0)
+    # Enough requests to keep the load up a few seconds past the recording.
+    requests = max(4 * conc, int(measured * (args.profile_s + 8) / args.tokens))
+    found: dict[str, Any] = {}
+
+    def record() -> None:
+        time.sleep(3)  # past the warm-up and the first wave's prefills
+        found.update(pyspy.profile(args.profile_s))
+
+    recorder = threading.Thread(target=record)
+    recorder.start()
+    try:
+        row = asyncio.run(load(base, key, conc, requests, args.tokens, prompt))
+    finally:
+        recorder.join()
+    return {"concurrency": conc, "seconds": args.profile_s, "tok_s": row["tok_s"], **found}
 
 
 def run_vllm_bench(
@@ -246,6 +274,13 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=560)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--variant", type=parse_variant, action="append", default=[])
+    parser.add_argument(
+        "--profile-s",
+        type=float,
+        default=0,
+        help="after each server's levels, py-spy its processes this long under load",
+    )
+    parser.add_argument("--profile-concurrency", type=int, default=64)
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--append", action="store_true", help="add to --out's earlier rows")
@@ -271,6 +306,7 @@ def main() -> None:
     if args.append and args.out.exists():
         result = json.loads(args.out.read_text())
         result.setdefault("variants", {})
+    args.profiles = result.setdefault("profiles", {})
 
     def save() -> None:
         add_ratios(result["rows"])
