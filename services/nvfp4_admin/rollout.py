@@ -65,7 +65,10 @@ class Rollout:
         details = self.ray.serve_details()
         before = sc.current_body(details)
         live = sc.apps_on_route(details, self.opts.route_prefix)
-        return before, live, sc.with_aliases(new_app, [sc.app_of(before, n) for n in live])
+        # By builder args, or by Ray's status when the replica's settings name the model.
+        ids = [sc.served_name(sc.app_of(before, n)) or "" for n in live]
+        ids += [i for n in live for i in sc.live_model_ids(details, n)]
+        return before, live, sc.with_aliases(new_app, ids)
 
     def blue_green(
         self, new_app: dict[str, Any], on_switched: Callable[[dict[str, Any]], None]

@@ -208,15 +208,26 @@ def served_name(app: dict[str, Any]) -> str | None:
     return served_name_of(str(model), None) if model else None
 
 
-def with_aliases(app: dict[str, Any], replaced: list[dict[str, Any]]) -> dict[str, Any]:
-    """`app` also answering to the model ids of the applications it replaces.
+def live_model_ids(details: dict[str, Any], app_name: str) -> list[str]:
+    """The model ids a running application answers to, read from Ray's status.
+
+    Ray Serve LLM names each engine deployment "LLMServer:<model id>". This is the only
+    place the id is known when the replica's settings (NVFP4_SERVE_MODEL, as in compose),
+    not the builder args, name the model.
+    """
+    deployments = (details.get("applications", {}).get(app_name) or {}).get("deployments") or {}
+    return sorted(d.split(":", 1)[1] for d in deployments if d.startswith("LLMServer:"))
+
+
+def with_aliases(app: dict[str, Any], replaced: list[str]) -> dict[str, Any]:
+    """`app` also answering to the model ids it replaces (`replaced`).
 
     A client that read the old id from /v1/models just before the route moved sends it to
     the new application; without the alias that request would get a 404. The aliases last
     until the next deploy, which replaces them with the ids of the app it replaces.
     """
     own = served_name(app)
-    names = sorted({n for a in replaced if (n := served_name(a)) and n != own})
+    names = sorted({n for n in replaced if n and n != own})
     out = copy.deepcopy(app)
     out["args"] = {**(out.get("args") or {}), ALIASES_ARG: names}
     return out

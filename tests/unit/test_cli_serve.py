@@ -122,7 +122,8 @@ class FakeRay:
                             for i in range(self.pending_replicas)
                         ],
                     }
-                    for dep in ("OpenAiIngress", "LLMServer:model")
+                    # Ray Serve LLM names the engine deployment after the model id.
+                    for dep in ("OpenAiIngress", f"LLMServer:{sc.served_name(a['cfg'])}")
                 }
                 apps[name] = {
                     "name": name,
@@ -298,12 +299,26 @@ def test_a_new_app_answers_to_the_ids_of_the_apps_it_replaces() -> None:
         {"name": "a", "args": {sc.MODEL_ARG: "/models/a"}},
         {"name": "c", "args": {sc.MODEL_ARG: "/models/c", sc.SERVED_NAME_ARG: "chat"}},
         {"name": "same", "args": {sc.MODEL_ARG: "/other/b"}},  # its id is the new app's own
-        {"name": "from-settings", "args": {}},  # the replica's settings name it: unknown here
     ]
-    out = sc.with_aliases(new, replaced)
+    out = sc.with_aliases(new, [sc.served_name(a) or "" for a in replaced] + ["a"])
     assert out["args"] == {sc.MODEL_ARG: "/models/b/", sc.ALIASES_ARG: ["a", "chat"]}
     assert new["args"][sc.ALIASES_ARG] == ["stale"]  # the input is not modified
     assert sc.served_name(out) == "b"
+
+
+def test_the_id_of_an_app_named_by_its_settings_comes_from_its_engine_deployment() -> None:
+    # compose serves NVFP4_SERVE_MODEL: the builder args name no model, Ray's status does.
+    details = {
+        "applications": {
+            "nvfp4": {
+                "deployed_app_config": {"name": "nvfp4", "args": {}},
+                "deployments": {"NVFP4Ingress": {}, "LLMServer:tiny-qwen3": {}},
+            }
+        }
+    }
+    assert sc.served_name(details["applications"]["nvfp4"]["deployed_app_config"]) is None
+    assert sc.live_model_ids(details, "nvfp4") == ["tiny-qwen3"]
+    assert sc.live_model_ids(details, "gone") == []
 
 
 def test_engine_overrides_become_builder_args_when_the_model_changes() -> None:
@@ -504,12 +519,12 @@ def test_scale_sets_replicas_on_the_engine_deployment(
     assert set(prober.codes) == {200}
     surge = {"max_surge_percent": sc.SURGE_PERCENT}
     assert fake.puts[-1]["applications"][0]["deployments"] == [
-        {"name": "LLMServer:model", "num_replicas": 3, **surge}
+        {"name": "LLMServer:old", "num_replicas": 3, **surge}
     ]
     out = _invoke(url, redis_url, "serve", "scale", "--min", "1", "--max", "4")
     assert fake.puts[-1]["applications"][0]["deployments"] == [
         {
-            "name": "LLMServer:model",
+            "name": "LLMServer:old",
             **surge,
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 4},
         }
@@ -523,7 +538,7 @@ def test_logs_strip_the_leading_slash(fake_ray: tuple[FakeRay, str], redis_url: 
     _live_config(fake)
     out = _invoke(url, redis_url, "serve", "logs", "-n", "5")
     assert out.exit_code == 0, out.output
-    assert "serve/replica_nvfp4_LLMServer:model.log last 5 lines" in out.output
+    assert "serve/replica_nvfp4_LLMServer:old.log last 5 lines" in out.output
     out = _invoke(url, redis_url, "serve", "logs", "--kind", "err")
     assert "actor-nvfp4-OpenAiIngress err" in out.output
 
@@ -537,7 +552,7 @@ def test_logs_list_a_replica_without_a_log_and_go_on(
     out = _invoke(url, redis_url, "serve", "logs", "-n", "5")
     assert out.exit_code == 0, out.output
     assert out.output.count("(no log yet: the replica is PENDING_ALLOCATION)") == 2
-    assert "serve/replica_nvfp4_LLMServer:model.log last 5 lines" in out.output
+    assert "serve/replica_nvfp4_LLMServer:old.log last 5 lines" in out.output
 
     # A log Ray cannot read yet (a replica that has just started) is said, and the rest
     # printed; when no log can be read, the command fails with Ray's reason in one line.
@@ -545,7 +560,7 @@ def test_logs_list_a_replica_without_a_log_and_go_on(
     out = _invoke(url, redis_url, "serve", "logs", "-n", "5")
     assert out.exit_code == 0, out.output
     assert "(log not readable: " in out.output and "HTTP 404" in out.output
-    assert "serve/replica_nvfp4_LLMServer:model.log last 5 lines" in out.output
+    assert "serve/replica_nvfp4_LLMServer:old.log last 5 lines" in out.output
     fake.unreadable_logs = {"replica_nvfp4_"}
     out = _invoke(url, redis_url, "serve", "logs", "-n", "5")
     assert out.exit_code == 1
