@@ -422,6 +422,8 @@ def _quantize(
             lambda kept, p: size_of(recipe, kept, p),
             candidates,
             precision,
+            sens,
+            closest,
         )
         if chosen is not None:
             break

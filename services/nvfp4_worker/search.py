@@ -6,8 +6,8 @@ quantized; the first that keeps the target wins. Otherwise the recipe that came 
 the model with only that layer quantized, on a slice of the calibration text, so the
 held-out text stays a fair judge), and the most sensitive layers are kept in higher
 precision: FP8 first (8 bits a weight against BF16's 16), then BF16 if no number of FP8
-layers keeps the target. A bisection finds the fewest layers that keep it, within the
-size budget. No candidate recalibrates:
+layers keeps the target. A bisection, guided by the sensitivities, finds the fewest
+layers that keep it, within the size budget. No candidate recalibrates:
 - keeping a layer in BF16 disables its quantizers in place, which exports the same
   checkpoint as excluding it up front (every quantizer's calibration is its own);
 - keeping it in FP8 swaps in per-tensor FP8 quantizers whose ranges come from what the
@@ -18,6 +18,7 @@ size budget. No candidate recalibrates:
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -189,6 +190,18 @@ def sensitivity(layers: Layers, probe: Probe, log: Callable[[str], None]) -> dic
     return out
 
 
+def shortfall(c: Candidate, target: QualityTarget) -> float | None:
+    """How far `c` is from the target's quality parts: 1 is exactly at the limit, below 1
+    keeps it. Perplexity counts in log space (what adds up over layers), as KL does."""
+    parts = []
+    if target.max_ppl_increase_pct is not None and c.ppl_change_pct is not None:
+        ratio = math.log1p(max(c.ppl_change_pct, -99.0) / 100)
+        parts.append(ratio / math.log1p(target.max_ppl_increase_pct / 100))
+    if target.max_kl is not None and c.kl is not None:
+        parts.append(c.kl / target.max_kl)
+    return max(parts) if parts else None
+
+
 def keep_layers(
     layers: Layers,
     order: list[str],
@@ -197,13 +210,24 @@ def keep_layers(
     size_of: Callable[[tuple[str, ...], str], int],
     candidates: list[Candidate],
     precision: str = "bf16",
+    sensitivity: dict[str, float] | None = None,
+    start: Candidate | None = None,
 ) -> Candidate | None:
-    """Bisection for the fewest of the most sensitive layers to keep in `precision`."""
+    """The fewest of the most sensitive layers to keep in `precision`, found by bisection.
+
+    With the layers' `sensitivity` and `start` (the candidate that keeps none), each step
+    guesses instead of halving: the target's shortfall is taken as linear in the share of
+    the total sensitivity kept, between the two nearest measured candidates (the end with
+    every layer kept counts as 0). After three guesses in a row that did not halve the
+    range comes a plain halving, so the worst case stays within about four times the
+    bisection's; on the measured curves it needs about a quarter fewer candidates.
+    """
     # Keeping every layer in BF16 would publish the original: one stays quantized.
     most = len(order) - (precision == "bf16")
     if target.max_size_gb is not None:
         while most > 0 and size_of(tuple(order[:most]), precision) > target.max_size_gb * 1e9:
             most -= 1
+    share = _kept_share(order, sensitivity) if sensitivity and start else None
 
     def trial(k: int) -> Candidate:
         kept = tuple(order[:k])
@@ -212,19 +236,46 @@ def keep_layers(
         candidates.append(c)
         return c
 
+    def guess(lo: int, hi: int, lo_c: Candidate | None, hi_c: Candidate | None) -> int | None:
+        if share is None or lo_c is None:
+            return None
+        e_lo = shortfall(lo_c, target)
+        e_hi, x_hi = (0.0, 1.0) if hi_c is None else (shortfall(hi_c, target), share[hi])
+        if e_lo is None or e_hi is None or e_lo <= max(e_hi, 1.0):
+            return None
+        x = share[lo] + (x_hi - share[lo]) * (e_lo - 1) / (e_lo - e_hi)
+        k = next((i for i, v in enumerate(share) if v >= x), hi)
+        return min(max(k, lo + 1), hi - 1)
+
     # Keeping more of the most sensitive layers only helps: the answer is the smallest
-    # k in [1, most] that keeps the target, if any does.
-    best: Candidate | None = None
-    low, high = 1, most
-    while low <= high:
-        mid = (low + high) // 2
-        c = trial(mid)
+    # k in [1, most] that keeps the target, if any does. lo fails; hi keeps it (most + 1
+    # stands for "none found yet").
+    lo, hi = 0, most + 1
+    lo_c, hi_c = start, None
+    slow = 0  # guesses in a row that did not halve the range
+    while hi - lo > 1:
+        width = hi - lo
+        k = guess(lo, hi, lo_c, hi_c) if slow < 3 else None
+        c = trial((lo + hi) // 2 if k is None else k)
         if c.meets:
-            best, high = c, mid - 1
+            hi, hi_c = len(c.kept), c
         else:
-            low = mid + 1
-    if best is None:
+            lo, lo_c = len(c.kept), c
+        slow = slow + 1 if k is not None and (hi - lo) * 2 > width else 0
+    if hi > most:
         layers.keep(())
         return None
-    layers.keep(best.kept, precision)
-    return best
+    assert hi_c is not None
+    layers.keep(hi_c.kept, precision)
+    return hi_c
+
+
+def _kept_share(order: list[str], sensitivity: dict[str, float]) -> list[float]:
+    """share[k]: the part of the total sensitivity that keeping order[:k] removes."""
+    weights = [max(sensitivity.get(u, 0.0), 0.0) for u in order]
+    total = sum(weights) or 1.0
+    share, acc = [0.0], 0.0
+    for w in weights:
+        acc += w
+        share.append(acc / total)
+    return share

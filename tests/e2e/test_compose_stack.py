@@ -408,10 +408,15 @@ def test_4_workers_scale_through_the_engine_socket(stack: Stack) -> None:
 
 def test_5_redis_restart_loses_neither_a_queued_nor_a_running_job(stack: Stack) -> None:
     # A job long enough to be caught running, and one queued behind it (one worker).
+    # Each its own output folder: test_2's job published the default name.
     running = submit(
-        stack, "--calib-samples", "64", "--calib-seq-len", "256", "--eval-samples", "4"
-    )
-    queued = submit(stack, "--calib-samples", "8", "--calib-seq-len", "128", "--eval-samples", "0")
+        stack, "--calib-samples", "64", "--calib-seq-len", "256", "--eval-samples", "4",
+        "--name", "tiny-qwen3-running",
+    )  # fmt: skip
+    queued = submit(
+        stack, "--calib-samples", "8", "--calib-seq-len", "128", "--eval-samples", "0",
+        "--name", "tiny-qwen3-queued",
+    )  # fmt: skip
     deadline = time.monotonic() + 300
     while job(stack, running)["state"] != "running":
         assert time.monotonic() < deadline, job(stack, running)
