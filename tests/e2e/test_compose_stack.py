@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "nvfp4-e2e"
 MODEL = "/data/models/tiny-qwen3"
 CALIB = "/data/models/calib/calib.txt"
-IMAGE_RECORD = ROOT / "bench" / "results" / "images.json"
 # podman's own defaults ask runc for more open files and processes than a CI runner's
 # hard limits allow ("error setting rlimits ... operation not permitted").
 CONTAINERS_CONF = """\
@@ -284,9 +283,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         run(["chown", "-R", "1000:1000", str(volume)])
 
         start = time.monotonic()
-        stack.make("up", f"IMAGE_RECORD={IMAGE_RECORD}")
+        record = tmp / "images.json"  # sizes and build times, for the log
+        stack.make("up", f"IMAGE_RECORD={record}")
         stack.timings["make up (images + start)"] = time.monotonic() - start
         log(f"make up CPU=1: {stack.timings['make up (images + start)']:.0f} s")
+        images = json.loads(record.read_text())["images"]
+        log("images: " + ", ".join(
+            f"{n} {i['size_gb']} GB in {i['build_seconds']} s" for n, i in images.items()
+        ))  # fmt: skip
         yield stack
     finally:
         stop.set()
