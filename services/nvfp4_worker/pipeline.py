@@ -309,7 +309,7 @@ def _execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
             ],
         },
         "timings_s": timings,
-        **_size_and_memory(plan, output_bytes),
+        **_size_and_memory(plan, output_bytes, chosen.size_bytes),
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -444,15 +444,18 @@ def _each(reporter: Reporter, stage: Stage, what: str, scale: float) -> Any:
     return on_batch
 
 
-def _size_and_memory(plan: _Plan, output_bytes: int) -> dict[str, Any]:
-    """The report's `size` and `memory` parts, alike for every mode of a job."""
+def _size_and_memory(
+    plan: _Plan, output_bytes: int, estimated: int | None = None
+) -> dict[str, Any]:
+    """The report's `size` and `memory` parts, alike for every mode of a job; `estimated`
+    is the published candidate's estimate when a search chose it."""
     source = plan.info.source_bytes
     return {
         "size": {
             "source_bytes": source,
             "source_dtype": plan.source_dtype,
             "output_bytes": output_bytes,
-            "estimated_output_bytes": plan.estimate_bytes,
+            "estimated_output_bytes": estimated or plan.estimate_bytes,
             "reduction_pct": (1 - output_bytes / source) * 100 if source else None,
         },
         "memory": {

@@ -281,6 +281,9 @@ def searched(workspace: dict[str, Path]) -> dict[str, Any]:
     spec = tiny_spec(workspace, target=QualityTarget(max_kl=1e-9), output_name="unreachable")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(search, "judge", spy)
+        # Plain halving (no guesses from the sensitivities, tests/unit/test_search.py has
+        # those): every k of the two-layer model is tried, for the tests below to use.
+        mp.setattr(search, "_kept_share", lambda order, sensitivity: None)
         with pytest.raises(JobError) as err:
             pipeline.run(spec, settings, PrintReporter(), "job-search")
     unique = {(c.recipe, c.kept, c.kept_as): c for c in seen}
@@ -311,6 +314,27 @@ def test_unreachable_target_fails_naming_the_target_and_the_closest(
     assert list(models_dir.iterdir()) == []  # no output, no staging folder
 
 
+def test_guided_search_tries_every_layer_in_fp8_first_for_a_far_target(
+    workspace: dict[str, Path], settings: Settings
+) -> None:
+    """With the sensitivities guiding it, a target far below every candidate makes the
+    first guess "every layer in FP8"; that failing, no smaller k is tried in FP8."""
+    logs: list[str] = []
+
+    class Log(PrintReporter):
+        def log(self, message: str) -> None:
+            logs.append(message)
+
+    spec = tiny_spec(workspace, target=QualityTarget(max_kl=1e-9), output_name="guided")
+    with pytest.raises(JobError, match="4 tried"):
+        pipeline.run(spec, settings, Log(), "job-guided")
+    tried = [line for line in logs if line.startswith("candidate: ") and " layers in " in line]
+    assert [t.split(", ")[1].split(":")[0] for t in tried] == [
+        "2 layers in FP8",
+        "1 layers in BF16",
+    ], tried
+
+
 def test_unreachable_within_a_size_budget_keeps_no_layer(
     searched: dict[str, Any], workspace: dict[str, Path], settings: Settings
 ) -> None:
@@ -338,7 +362,9 @@ def test_reachable_target_keeps_layers_and_publishes(
     max_kl = math.sqrt(kept_one * every_layer)  # between the two: only keeping a layer holds
     spec = tiny_spec(workspace, target=QualityTarget(max_kl=max_kl))
 
-    result = pipeline.run(spec, settings, PrintReporter(), "job-target")
+    with pytest.MonkeyPatch.context() as mp:  # plain halving, as in `searched`
+        mp.setattr(search, "_kept_share", lambda order, sensitivity: None)
+        result = pipeline.run(spec, settings, PrintReporter(), "job-target")
 
     out = settings.models_dir / "tiny-out"
     assert sorted(p.name for p in settings.models_dir.iterdir()) == ["tiny-out"]
@@ -365,6 +391,10 @@ def test_reachable_target_keeps_layers_and_publishes(
     assert t[f"{kept[0]}.mlp.down_proj.weight"][0] == "F8_E4M3"
     assert t[f"{other}.mlp.down_proj.weight"][0] == "U8"  # two FP4 values a byte
     assert result.output_bytes < result.source_bytes
+    # The size estimate reported is the published candidate's, FP8 layer included.
+    assert (
+        report["size"]["estimated_output_bytes"] == rows[-1]["size_bytes"] > rows[0]["size_bytes"]
+    )
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model_relation == "quantized"
     assert card.data.base_model == "tiny-qwen3"  # a local folder is named, not its path
