@@ -39,7 +39,15 @@ def one_run(args: argparse.Namespace) -> None:
         model_roots=[args.model.parent, args.calib.parent],
         device=args.device,
         hf_offline=True,
+        # vLLM's speed on the published checkpoint only when asked: it is not part of the
+        # job's cost the other runs compare.
+        worker_vllm_python="auto" if args.served_speed else "",
         _env_file=None,  # type: ignore[call-arg]
+    )
+    target = (
+        QualityTarget(max_kl=args.max_kl, max_ppl_increase_pct=args.max_ppl_increase)
+        if args.max_kl or args.max_ppl_increase
+        else None
     )
     spec = JobSpec(
         model=str(args.model),
@@ -49,9 +57,9 @@ def one_run(args: argparse.Namespace) -> None:
         calib_seq_len=args.seq_len,
         eval_samples=args.eval_samples,
         output_name=f"{args.model.name.removesuffix('-bf16')}-nvfp4-c{args.one}"
-        + ("-target" if args.max_kl else "")
+        + ("-target" if target else "")
         + ("-layerwise" if args.layerwise else ""),
-        target=QualityTarget(max_kl=args.max_kl) if args.max_kl else None,
+        target=target,
         layerwise=args.layerwise,
     )
     t0 = time.monotonic()
@@ -102,6 +110,8 @@ def one_run(args: argparse.Namespace) -> None:
         "kept_layers": report.get("kept_layers", []),
         "kept_as": report.get("kept_as"),
         "candidates": report.get("search", {}).get("candidates", []),
+        "target_max_ppl_increase_pct": args.max_ppl_increase,
+        "served": report.get("served"),
     }
     print("RESULT " + json.dumps(row), flush=True)
 
@@ -130,6 +140,10 @@ def sweep(args: argparse.Namespace) -> None:
         cmd += ["--eval-samples", str(args.eval_samples), "--device", args.device]
         if args.max_kl:
             cmd += ["--max-kl", str(args.max_kl)]
+        if args.max_ppl_increase:
+            cmd += ["--max-ppl-increase", str(args.max_ppl_increase)]
+        if args.served_speed:
+            cmd += ["--served-speed"]
         if args.layerwise:
             cmd += ["--layerwise"]
         print(f"== calib_samples {n} ({left:.0f} s left)", flush=True)
@@ -177,6 +191,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/gpu_quantize.json")
     parser.add_argument(
         "--max-kl", type=float, help="a quality target (KL): the job runs the target search"
+    )
+    parser.add_argument(
+        "--max-ppl-increase", type=float, help="a quality target (held-out perplexity, %%)"
+    )
+    parser.add_argument(
+        "--served-speed",
+        action="store_true",
+        help="the worker measures vLLM's decode speed on the published checkpoint",
     )
     parser.add_argument("--layerwise", action="store_true", help="one decoder layer at a time")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)

@@ -105,6 +105,12 @@ class Settings(BaseSettings, _ServeSettings):
         description="Before loading a model, refuse a job whose estimated memory need exceeds"
         " the container's memory limit or MemAvailable; false tries anyway (swap, odd cgroups).",
     )
+    worker_vllm_python: str = Field(
+        "auto",
+        description="Python with vLLM that measures a published checkpoint's decode speed"
+        " after export (report and model card): auto = the worker's own when it has vLLM"
+        " (GPU images carrying both), a path (on CPU, the serving environment's), empty = off.",
+    )
     hf_cache_dir: Path | None = Field(
         None,
         description="Hugging Face hub cache to download models into and read them from;"

@@ -121,6 +121,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         "## Serving",
         "",
+        *_served(report.get("served") or {}),
         "With vLLM:",
         "",
         "```bash",
@@ -135,6 +136,18 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _served(served: dict[str, Any]) -> list[str]:
+    """What vLLM did with this checkpoint when the worker measured it (served_speed.py)."""
+    if "decode_tok_s" not in served:
+        return []
+    return [
+        f"Measured by the worker with {served['engine']} on {served['device']}, generating"
+        f" {served['tokens']} tokens a request: {served['decode_tok_s']:g} tok/s decoding one"
+        f" stream, {served['throughput_tok_s']:g} tok/s with {served['streams']} streams.",
+        "",
+    ]
 
 
 def _kept_line(report: dict[str, Any]) -> list[str]:

@@ -35,6 +35,7 @@ from nvfp4_worker import (
     publish,
     quantize,
     search,
+    served_speed,
     sources,
 )
 from nvfp4_worker.errors import JobError
@@ -92,6 +93,7 @@ def run(spec: JobSpec, settings: Settings, reporter: Reporter, job_id: str) -> J
     staging = publish.staging_dir(settings.models_dir, job_id)
     try:
         report = _execute(plan, reporter, staging)
+        report["served"] = _served_speed(settings, plan, reporter, staging)
         reporter.progress(Stage.PUBLISHING, 0.0, f"publishing {final.name}")
         report["timings_s"]["total"] = round(time.monotonic() - started, 3)
         _write_outputs(staging, report)
@@ -102,6 +104,30 @@ def run(spec: JobSpec, settings: Settings, reporter: Reporter, job_id: str) -> J
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _served_speed(
+    settings: Settings, plan: _Plan, reporter: Reporter, staging: Path
+) -> dict[str, Any]:
+    """vLLM's decode speed on the exported checkpoint (served_speed.py), or why not."""
+    python = served_speed.python_for(settings.worker_vllm_python)
+    if python is None:
+        return {"skipped": "no Python with vLLM (NVFP4_WORKER_VLLM_PYTHON)"}
+    if plan.device.type == "cuda":
+        torch.cuda.empty_cache()  # the job's model is gone; vLLM gets what it held
+    reporter.progress(Stage.EVALUATING, 0.0, "measuring vLLM's decode speed on the checkpoint")
+    t = time.monotonic()
+    result = served_speed.measure(python, staging)
+    plan.timings["served_speed"] = round(time.monotonic() - t, 3)
+    if "error" in result:
+        reporter.log(f"vLLM decode speed not measured: {result['error']}")
+    else:
+        reporter.log(
+            f"{result['engine']} on {result['device']}: {result['decode_tok_s']} tok/s"
+            f" decoding one stream, {result['throughput_tok_s']} tok/s with"
+            f" {result['streams']} streams"
+        )
+    return result
 
 
 def _check_numbers(spec: JobSpec) -> None:

@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -129,7 +129,8 @@ class Layers:
             if "input_quantizer" in own and amax is None:
                 self._fp8[module] = None
                 return None
-            twins = {"weight_quantizer": _fp8_quantizer(module.weight.detach().abs().amax())}
+            weight = cast(torch.Tensor, module.weight)
+            twins = {"weight_quantizer": _fp8_quantizer(weight.detach().abs().amax())}
             if amax is not None:
                 twins["input_quantizer"] = _fp8_quantizer(amax.detach().float().amax())
             self._fp8[module] = twins

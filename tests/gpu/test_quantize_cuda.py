@@ -32,6 +32,10 @@ def test_pipeline_runs_on_the_gpu(gpu_nvfp4: Path) -> None:
     err = rep["evaluation"]["weight_error"]
     assert err["layers"] == 2 * 7
     assert 0.07 < err["mean"] < 0.12
+    # vLLM, in this same environment ("auto"), loaded the export and generated on the GPU.
+    served = rep["served"]
+    assert served["engine"].startswith("vLLM ") and served["device"] != "cpu", served
+    assert served["decode_tok_s"] > 0 and served["throughput_tok_s"] > 0
 
 
 def test_packed_weights_and_scales_have_nvfp4_layout(gpu_nvfp4: Path) -> None:

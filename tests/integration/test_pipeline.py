@@ -430,3 +430,29 @@ def test_smollm2_nvfp4_quality(settings: Settings, tmp_path: Path) -> None:
     assert "Paris" in first["base"]
     assert len(first["quantized"].split()) >= 3, first  # still answers in words
     assert result.output_bytes < 0.6 * result.source_bytes
+
+
+def test_vllm_measures_the_checkpoint_before_it_is_published(
+    workspace: dict[str, Path], settings: Settings
+) -> None:
+    """Real vLLM (CPU build, the serving environment's Python) loads the exported
+    checkpoint in its own process; report.json and the model card carry its speed."""
+    from devkit.serve_cluster import SERVE_PYTHON, serve_env_available
+
+    if not serve_env_available():
+        pytest.skip("needs .venv-serve (make install-serve)")
+    cfg = settings.model_copy(update={"worker_vllm_python": str(SERVE_PYTHON)})
+    result = pipeline.run(tiny_spec(workspace, output_name="timed"), cfg, PrintReporter(), "j-v")
+    out = Path(result.output_path)
+    served = json.loads((out / "report.json").read_text())["served"]
+    assert served["engine"].startswith("vLLM ") and served["device"] == "cpu", served
+    assert served["decode_tok_s"] > 0 and served["throughput_tok_s"] > 0
+    assert served["tokens"] == 128 and served["streams"] == 8
+    card = (out / "README.md").read_text()
+    assert f"{served['decode_tok_s']:g} tok/s decoding one stream" in card
+    # Without a Python that has vLLM the job still publishes, saying why nothing was measured.
+    plain = pipeline.run(
+        tiny_spec(workspace, output_name="untimed"), settings, PrintReporter(), "j-p"
+    )
+    report = json.loads((Path(plain.output_path) / "report.json").read_text())
+    assert report["served"] == {"skipped": "no Python with vLLM (NVFP4_WORKER_VLLM_PYTHON)"}

@@ -63,3 +63,22 @@ def test_card_tables() -> None:
         "Mean relative weight reconstruction error: 0.0951.",
     ):
         assert line in card, line
+
+
+def test_card_carries_vllm_speed_only_when_measured() -> None:
+    measured = copy.deepcopy(REPORT)
+    measured["served"] = {
+        "engine": "vLLM 0.26.0",
+        "device": "NVIDIA H100 80GB HBM3",
+        "tokens": 128,
+        "decode_tok_s": 151.2,
+        "streams": 8,
+        "throughput_tok_s": 1130.5,
+    }
+    card = modelcard.render(measured)
+    assert (
+        "Measured by the worker with vLLM 0.26.0 on NVIDIA H100 80GB HBM3, generating 128"
+        " tokens a request: 151.2 tok/s decoding one stream, 1130.5 tok/s with 8 streams."
+    ) in card
+    for served in ({"skipped": "no Python with vLLM"}, {"error": "vLLM exited 1: boom"}):
+        assert "Measured by the worker" not in modelcard.render({**REPORT, "served": served})

