@@ -15,9 +15,9 @@ vLLM and torch but not the worker's other dependencies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -53,17 +53,16 @@ def measure(python: str, checkpoint: Path, timeout_s: float = TIMEOUT_S) -> dict
     # environment too); services/ is prepended for a checkout run without installing.
     services = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [services, env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,  # its engine processes go with it
-    )  # fmt: skip
+    # In the job's own process group: cancelling the job (the worker signals that group)
+    # stops vLLM and its engine processes too.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"vLLM did not finish within {timeout_s:.0f} s"}
     finally:
-        if proc.poll() is None:  # timed out, or this job is being cancelled
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
             proc.wait()
     if proc.returncode == 0:
         # vLLM logs to stdout too: the figures are the last line that is a JSON object.
@@ -75,6 +74,20 @@ def measure(python: str, checkpoint: Path, timeout_s: float = TIMEOUT_S) -> dict
                     continue
     tail = [x for x in err.strip().splitlines() if x.strip()][-1:] or ["no output"]
     return {"error": f"vLLM exited {proc.returncode}: {tail[0][-300:]}"}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process under it (vLLM's engine core, its workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def _engine_args(cpu: bool) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import psutil
+
 from nvfp4_worker import served_speed
 
 
@@ -26,9 +28,13 @@ def test_a_python_without_vllm_is_one_error_line(tmp_path: Path) -> None:
     assert "No module named 'vllm'" in result["error"] and "\n" not in result["error"]
 
 
-def test_a_measurement_that_hangs_is_stopped(tmp_path: Path) -> None:
+def test_a_measurement_that_hangs_is_stopped_with_its_children(tmp_path: Path) -> None:
+    # A stand-in "python" that starts a child (as vLLM starts its engine core) and hangs.
+    pid_file = tmp_path / "child.pid"
     sleeper = tmp_path / "python"
-    sleeper.write_text("#!/bin/sh\nexec sleep 60\n")
+    sleeper.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pid_file}\nwait\n")
     sleeper.chmod(0o755)
-    result = served_speed.measure(str(sleeper), tmp_path, timeout_s=1)
-    assert result == {"error": "vLLM did not finish within 1 s"}
+    result = served_speed.measure(str(sleeper), tmp_path, timeout_s=2)
+    assert result == {"error": "vLLM did not finish within 2 s"}
+    child = int(pid_file.read_text())
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
