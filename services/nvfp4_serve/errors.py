@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -46,6 +47,25 @@ def chat_messages_problem(messages: Iterable[Any]) -> str | None:
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         if not isinstance(role, str) or not role:
             return f"messages[{i}] has no 'role' (one of system, user, assistant, tool, developer)"
+    return None
+
+
+# Beam search scores a sequence as logprob / length ** length_penalty. Past this bound
+# the power overflows (a huge penalty) or underflows to 0 (a huge negative one) for
+# sequences of a million tokens or fewer, and vLLM's engine fails with a 500.
+MAX_LENGTH_PENALTY = 50.0
+
+
+def beam_search_problem(body: Any) -> str | None:
+    """Why vLLM's beam search would crash on this request's parameters, if it would."""
+    penalty = getattr(body, "length_penalty", None)
+    if not getattr(body, "use_beam_search", False) or penalty is None:
+        return None
+    if not math.isfinite(penalty) or abs(penalty) > MAX_LENGTH_PENALTY:
+        return (
+            f"length_penalty must be between -{MAX_LENGTH_PENALTY:g} and"
+            f" {MAX_LENGTH_PENALTY:g} with use_beam_search, got {penalty:g}"
+        )
     return None
 
 

@@ -32,7 +32,12 @@ from starlette.exceptions import HTTPException
 
 from nvfp4_common.settings import get_settings
 from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, error_body, require_keys
-from nvfp4_serve.errors import OpenAIErrorBodies, chat_messages_problem, validation_error_body
+from nvfp4_serve.errors import (
+    OpenAIErrorBodies,
+    beam_search_problem,
+    chat_messages_problem,
+    validation_error_body,
+)
 from nvfp4_serve.health import Readiness, ReplicaCount
 from nvfp4_serve.ray_hooks import IngressHooks
 
@@ -159,10 +164,19 @@ class NVFP4Ingress(IngressHooks):
         states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items()}
         return states.get("RUNNING", 0), sum(states.values())
 
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        problem = beam_search_problem(body)
+        if problem:
+            return _error(400, problem, "invalid_value", param="length_penalty")
+        return await super().completions(body, request)
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         problem = chat_messages_problem(body.messages)
         if problem:
             return _error(400, problem, "invalid_value", param="messages")
+        problem = beam_search_problem(body)
+        if problem:
+            return _error(400, problem, "invalid_value", param="length_penalty")
         try:
             return await super().chat(body, request)
         except ValueError as exc:

@@ -87,6 +87,26 @@ def test_a_body_that_crashes_vllms_validators_is_a_400(cluster: ServeCluster, ro
     assert r.json()["error"]["message"].startswith("invalid request body:"), r.text
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("penalty", [1e308, -1e308])
+def test_a_length_penalty_that_breaks_beam_search_is_a_400(
+    cluster: ServeCluster, route: str, penalty: float
+) -> None:
+    """Beam search divides by length ** length_penalty: a huge penalty overflows and a
+    huge negative one divides by zero in vLLM's engine, a 500 (found by the fuzzing test
+    below). It is the client's 400, naming the parameter."""
+    body: dict[str, Any] = {
+        "model": MODEL, "max_tokens": 2, "use_beam_search": True, "length_penalty": penalty
+    }  # fmt: skip
+    body |= (
+        {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
+    )
+    r = httpx.post(f"{cluster.base_url}{route}", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "length_penalty" and "use_beam_search" in error["message"], r.text
+
+
 def test_generated_requests_never_get_a_server_error(
     cluster: ServeCluster, record_stat: Callable[..., None]
 ) -> None:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from nvfp4_serve.errors import OpenAIErrorBodies, chat_messages_problem, validation_error_body
+from nvfp4_serve.errors import (
+    OpenAIErrorBodies,
+    beam_search_problem,
+    chat_messages_problem,
+    validation_error_body,
+)
 
 TRACEBACK = (
     '{"error": {"message": "Internal Server Error (Request ID: 5f1c-aa), original exception: '
@@ -152,3 +158,16 @@ def test_client_errors_already_in_openais_shape_pass_untouched() -> None:
         sent = run(replying(404, body))
         assert sent[1]["body"] == body
         assert dict(sent[0]["headers"])[b"content-length"] == b"999"  # headers as they were
+
+
+def test_beam_search_problem_bounds_the_length_penalty() -> None:
+    from types import SimpleNamespace as Body
+
+    assert beam_search_problem(Body(use_beam_search=False, length_penalty=1e308)) is None
+    assert beam_search_problem(Body(use_beam_search=True, length_penalty=1.0)) is None
+    assert beam_search_problem(Body(use_beam_search=True, length_penalty=-50.0)) is None
+    for bad in (50.5, -1e308, float("inf"), float("nan")):
+        problem = beam_search_problem(Body(use_beam_search=True, length_penalty=bad))
+        assert problem is not None and problem.startswith("length_penalty must be between -50")
+    # 1M tokens ** 50 is 1e300: no overflow at the bound
+    assert math.isfinite(1e6**50) and 1e6**-50 > 0
