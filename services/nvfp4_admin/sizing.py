@@ -184,6 +184,9 @@ def kv_bytes_per_token(shape: Shape, kv_bytes: int = 2) -> int:
 
 # Calibration the estimate assumes for the layer-by-layer peak: JobSpec's defaults.
 DEFAULT_CALIB = (512, 2048)
+# Held-out windows a job measures by default (JobSpec.eval_samples): layer by layer they
+# go through each layer beside the calibration activations.
+DEFAULT_EVAL_SAMPLES = 32
 # Machines `estimate` always answers for: (name, memory in GB as sold, GB left to the
 # rest of the system). A Spark's 128 GB are shared with the CPU and the OS; an 80 GB
 # card's memory is the GPU's own.
@@ -261,11 +264,20 @@ def layerwise_fit(
     spilled to disk (as the worker chooses); returns the peak and whether it spills."""
     sizes = layer_sizes(shape.tensors())
     samples, seq_len = calib
-    peak = layerwise_peak(sizes, samples, seq_len, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True)
+    evals = DEFAULT_EVAL_SAMPLES
+    peak = layerwise_peak(
+        sizes, samples, seq_len, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True, eval_samples=evals
+    )
     if peak.total / GIB <= room_gib:
         return peak, False
     spilled = layerwise_peak(
-        sizes, samples, seq_len, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True, spill=True
+        sizes,
+        samples,
+        seq_len,
+        ESTIMATE_COMPUTE_DTYPE,
+        weights_in_host=True,
+        spill=True,
+        eval_samples=evals,
     )
     return spilled, True
 

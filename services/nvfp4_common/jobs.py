@@ -123,11 +123,6 @@ class JobSpec(BaseModel):
                 f"layerwise: layer-by-layer mode runs the {DEFAULT_RECIPE} recipe only; drop"
                 " --recipe or layer-by-layer mode"
             )
-        if self.layerwise and self.target is not None:
-            raise ValueError(
-                "layerwise: the quality-target search needs the whole model; drop the target"
-                " or layer-by-layer mode"
-            )
         if self.target is not None and self.target.has_quality and self.eval_samples == 0:
             raise ValueError(
                 "eval_samples: a quality target is measured on held-out text; set"

@@ -298,6 +298,7 @@ def layerwise_peak(
     compute_dtype: str,
     weights_in_host: bool,
     spill: bool = False,
+    eval_samples: int = 0,
 ) -> PeakMemory:
     """Peak host memory of quantizing one decoder layer at a time (nvfp4_worker.layerwise).
 
@@ -305,7 +306,11 @@ def layerwise_peak(
                compute dtype, where it sits in host memory)
              + A (the calibration activations, a layer's inputs and its outputs:
                2 x samples x seq_len x hidden in the compute dtype; spilled to disk, one
-               calibration batch of each)
+               calibration batch of each; with `eval_samples` held-out windows, their
+               two streams too, the original model's and the quantized one's, inputs
+               and outputs: 4 x eval_samples x seq_len x hidden)
+             + with held-out windows, one window's logits and log-probabilities in
+               float32 (2 x seq_len x vocab x 4 bytes), made at the end of each pass
              + the largest shard being written (embeddings, norm and lm_head in BF16,
                or one layer read in BF16 and written quantized: about 2.6 bytes per
                parameter, whichever is larger)
@@ -322,9 +327,16 @@ def layerwise_peak(
     resident = max(sizes.largest_layer_params, sizes.embedding_params)
     weights = resident * itemsize if weights_in_host else 0
     acts = 2 * activation_bytes(calib_samples, calib_seq_len, sizes.hidden, compute_dtype)
-    if spill:  # one calibration batch of inputs and one of outputs
-        acts = min(acts, 2 * max(CALIB_BATCH_TOKENS, calib_seq_len) * sizes.hidden * itemsize)
+    acts += 4 * activation_bytes(eval_samples, calib_seq_len, sizes.hidden, compute_dtype)
+    if spill:  # one batch of inputs and one of outputs of each stream
+        streams = 2 + (4 if eval_samples else 0)
+        batch = max(CALIB_BATCH_TOKENS, calib_seq_len) * sizes.hidden * itemsize
+        acts = min(acts, streams * batch)
+    vocab = sizes.embedding_params // sizes.hidden if sizes.hidden else 0
+    logits = 2 * calib_seq_len * vocab * 4 if eval_samples else 0
     # A layer is read in BF16 (2 bytes a parameter) while its quantized tensors (about
     # 0.6 bytes a parameter in NVFP4) are written.
     writing = max(sizes.head_bf16_bytes, int(2.6 * sizes.largest_layer_params))
-    return PeakMemory("layerwise", weights, acts + writing, RUNTIME_BYTES, compute_dtype)
+    return PeakMemory(
+        "layerwise", weights, acts + max(writing, logits), RUNTIME_BYTES, compute_dtype
+    )

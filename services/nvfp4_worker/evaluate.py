@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,27 +64,44 @@ def measure(
     none is given: this is the original model) or the KL divergence from it."""
     if windows.numel() == 0:
         return Measurement(None, None, None if reference is not None else Reference())
-    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
-    new_ref = Reference() if reference is None else None
     chunks = batches(windows, windows.shape[1])
-    with torch.no_grad():
+
+    def logits() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for k, batch in enumerate(chunks, start=1):
             ids = batch.to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            del logits
-            targets = ids[:, 1:]
-            total_nll -= float(logprobs.gather(-1, targets[..., None]).sum())
-            total_tokens += targets.numel()
-            if new_ref is not None:
-                top, idx = logprobs.topk(min(TOP_K, logprobs.shape[-1]), dim=-1)
-                new_ref.logprobs.append(top.cpu())
-                new_ref.indices.append(idx.cpu())
-            else:
-                assert reference is not None
-                total_kl += _kl_sum(reference.logprobs[k - 1], reference.indices[k - 1], logprobs)
+            yield ids, model(input_ids=ids, use_cache=False).logits
             if on_batch:
                 on_batch(k, len(chunks))
+
+    with torch.no_grad():
+        return score(logits(), device, reference)
+
+
+def score(
+    batches_: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    reference: Reference | None = None,
+) -> Measurement:
+    """`measure` from (token ids, logits) batch by batch, however the logits were made (the
+    whole model, or the last layer's outputs of a layer-by-layer pass)."""
+    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
+    new_ref = Reference() if reference is None else None
+    for k, (ids, batch_logits) in enumerate(batches_):
+        ids = ids.to(device)
+        logprobs = torch.log_softmax(batch_logits[:, :-1].float(), dim=-1)
+        del batch_logits
+        targets = ids[:, 1:]
+        total_nll -= float(logprobs.gather(-1, targets[..., None]).sum())
+        total_tokens += targets.numel()
+        if new_ref is not None:
+            top, idx = logprobs.topk(min(TOP_K, logprobs.shape[-1]), dim=-1)
+            new_ref.logprobs.append(top.cpu())
+            new_ref.indices.append(idx.cpu())
+        else:
+            assert reference is not None
+            total_kl += _kl_sum(reference.logprobs[k], reference.indices[k], logprobs)
+    if total_tokens == 0:
+        return Measurement(None, None, new_ref)
     return Measurement(
         perplexity=math.exp(total_nll / total_tokens),
         kl=None if reference is None else max(0.0, total_kl / total_tokens),

@@ -44,10 +44,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from nvfp4_worker import evaluate
 from nvfp4_worker.errors import JobError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -159,7 +160,7 @@ class Activations:
     """One hidden-state tensor per calibration batch, in host memory or spilled to files
     under `spill_dir` (one file per batch, read back one at a time)."""
 
-    def __init__(self, spill_dir: Path | None, generation: int = 0) -> None:
+    def __init__(self, spill_dir: Path | None, generation: int | str = 0) -> None:
         self.spill_dir, self.generation = spill_dir, generation
         self._held: list[torch.Tensor] = []
         self._files: list[Path] = []
@@ -241,10 +242,13 @@ def _materialize(
     source: SourceTensors,
     device: torch.device,
     what: str,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Give a meta module real storage and load its tensors from the shards; JobError when
-    the shards' tensors are not the ones the config asks for."""
-    expected = module.state_dict()
+    """Give a meta module real storage and load its tensors from the shards (and `state`,
+    what calibration added: the quantizers' ranges); JobError when the shards' tensors are
+    not the ones the config asks for."""
+    state = state or {}
+    expected = {k: v for k, v in module.state_dict().items() if k not in state}
     have = set(source.keys(prefix))
     want = {prefix + k for k in expected}
     missing, extra = sorted(want - have), sorted(have - want)
@@ -264,9 +268,11 @@ def _materialize(
             )
     module.to_empty(device=device)
     tensors = source.read(sorted(want))
+    values = {k.removeprefix(prefix): v for k, v in tensors.items()}
+    values.update(state)
     with torch.no_grad():
-        module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True)
-    del tensors
+        module.load_state_dict(values, strict=True)
+    del tensors, values
 
 
 def _release(module: torch.nn.Module) -> None:
@@ -458,6 +464,344 @@ def _export_layer(scope: _Scope, i: int, mo: Any, calls: _LayerCalls) -> dict[st
 # -- the job -----------------------------------------------------------------------------
 
 
+@dataclass
+class Streams:
+    """The held-out windows' hidden states on their way through the layers: the original
+    model's (`base`, only in the first pass) and the quantized one's (`quant`)."""
+
+    windows: list[torch.Tensor]  # the held-out token ids, batch by batch
+    quant: Activations
+    base: Activations | None = None
+
+
+class LayerwiseRun:
+    """One model, one decoder layer in memory at a time.
+
+    `calibrate` is the first pass: every layer is read, calibrated and (unless the caller
+    searches) exported; held-out windows, if given, go through each layer as it was and
+    as quantized, which measures the checkpoint without the whole model. A search then
+    measures candidates (`measure`: which layers to keep in FP8 or BF16) and exports the
+    one it chose (`export`), each in one more pass over the layers, from the quantizer
+    ranges the first pass kept. `finish` writes the head shard and the configs.
+    """
+
+    def __init__(
+        self,
+        source_dir: Path,
+        model_name: str,
+        cfg: dict[str, Any],
+        export_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        calib_shape: tuple[int, int],
+        held_out_shape: tuple[int, int] | None,
+        activation_budget: int | None,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.mo = _modelopt_export()
+        self.cfg, self.export_dir, self.device, self.dtype = cfg, export_dir, device, dtype
+        self.timings: dict[str, float] = {}
+        self.source = SourceTensors(source_dir, model_name)
+        self.source_dir, self.model_name = source_dir, model_name
+        config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        inner = getattr(model, "model", None)
+        if (
+            inner is None
+            or not isinstance(getattr(inner, "layers", None), torch.nn.ModuleList)
+            or not all(hasattr(inner, a) for a in ("embed_tokens", "norm", "rotary_emb"))
+            or not hasattr(model, "lm_head")
+        ):
+            raise JobError(
+                f"model {model_name} ({config.model_type}): layer-by-layer quantization"
+                " supports Llama/Qwen-style decoders (model.embed_tokens, model.layers,"
+                " model.norm, lm_head)"
+            )
+        self.config, self.model, self.inner = config, model, inner
+        self.layers: torch.nn.ModuleList = inner.layers
+        # ModelOpt registers a model's attention classes for KV-cache quantization when it
+        # converts a whole transformers model; the layers here are converted on their own.
+        from modelopt.torch.quantization.plugins.huggingface import (
+            register_hf_attentions_on_the_fly,
+        )
+
+        register_hf_attentions_on_the_fly(model)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        # Every tensor's name and shape is checked against config.json before any is read,
+        # so a mismatched or missing tensor fails in a second, not after an hour of layers.
+        skeleton_keys = {k: list(v.shape) for k, v in model.state_dict().items()}
+        if self.tied:
+            skeleton_keys.pop("lm_head.weight", None)
+        for key, shape in skeleton_keys.items():
+            if key not in self.source.shapes:
+                where = key.split(".weight")[0]
+                raise JobError(
+                    f"model {model_name}: {where} does not match config.json (missing {key})"
+                )
+            if self.source.shapes[key] != shape:
+                raise JobError(
+                    f"model {model_name}: {key} is {self.source.shapes[key]}, config.json"
+                    f" makes it {shape}"
+                )
+        self.activation_bytes = stream_bytes(calib_shape, held_out_shape, config.hidden_size, dtype)
+        self.spill = activation_budget is not None and self.activation_bytes > activation_budget
+        self.spill_dir = export_dir / ".spill" if self.spill else None
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.calls = _LayerCalls(config, inner, calib_shape[1], device, dtype)
+        self.weight_map: dict[str, str] = {}
+        self.shard_bytes: dict[str, int] = {}
+        self.streams: Streams | None = None
+        # Per layer: its quantizers' calibrated state (amax), kept for later passes.
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, batches: list[torch.Tensor], generation: str) -> Activations:
+        """The token batches through the embedding table: the first layer's inputs."""
+        embed = self.inner.embed_tokens
+        _materialize(embed, "model.embed_tokens.", self.source, self.device, "model.embed_tokens")
+        hidden = Activations(self.spill_dir, f"{generation}0")
+        with torch.no_grad():
+            for batch in batches:
+                hidden.append(embed(batch.to(self.device)))
+        _release(embed)
+        return hidden
+
+    def calibrate(
+        self,
+        batches: list[torch.Tensor],
+        held_out: list[torch.Tensor] | None = None,
+        *,
+        export: bool = True,
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> dict[str, float]:
+        """The first pass; returns each layer's sensitivity (see `_sensitivity`)."""
+        t = time.monotonic()
+        hidden = self.embed(batches, "c")
+        streams = None
+        if held_out:
+            streams = Streams(held_out, self.embed(held_out, "q"), self.embed(held_out, "b"))
+        self.streams = streams
+        self.timings["prepare"] = round(time.monotonic() - t, 3)
+        t = time.monotonic()
+        sensitivity: dict[str, float] = {}
+        for i in range(self.n_layers):
+            layer = self.layers[i]
+            _materialize(layer, f"model.layers.{i}.", self.source, self.device, f"model.layers.{i}")
+            if streams is not None and streams.base is not None:
+                streams.base = self._run(layer, i, streams.base, f"b{i + 1}")
+            scope = _Scope({f"model.layers.{i}": layer}, self.config)
+            first_input = hidden[0]
+            hidden = _calibrate_layer(scope, i, self.cfg, hidden, self.calls)
+            # ModelOpt may swap a module for its quantized class: keep the skeleton's the same.
+            layer = self.layers[i] = scope.get_submodule(f"model.layers.{i}")
+            sensitivity[f"model.layers.{i}"] = _sensitivity(
+                layer, i, first_input, hidden[0], self.calls
+            )
+            if streams is not None:
+                streams.quant = self._run(layer, i, streams.quant, f"q{i + 1}")
+            if export:
+                self._export(scope, i)
+            else:
+                self.states.append(_quantizer_state(layer, f"model.layers.{i}.", self.source))
+            del scope
+            _release(layer)
+            if on_layer is not None:
+                on_layer(i + 1, self.n_layers)
+        hidden.free()
+        self.timings["layers"] = round(time.monotonic() - t, 3)
+        return sensitivity
+
+    def reference(self) -> evaluate.Measurement:
+        """The original model on the held-out windows (the first pass's base stream)."""
+        assert self.streams is not None and self.streams.base is not None
+        measured = self._score(self.streams.base, None)
+        self.streams.base.free()
+        self.streams.base = None
+        return measured
+
+    def measured(self, reference: evaluate.Reference) -> evaluate.Measurement:
+        """The quantized model of the last pass on the held-out windows."""
+        assert self.streams is not None
+        measured = self._score(self.streams.quant, reference)
+        self.streams.quant.free()
+        return measured
+
+    def measure(
+        self,
+        kept: tuple[str, ...],
+        precision: str,
+        reference: evaluate.Reference,
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> evaluate.Measurement:
+        """A candidate (`kept` layers in `precision`, the rest as calibrated) on the held-out
+        windows: one pass over the layers."""
+        assert self.streams is not None
+        quant = self.embed(self.streams.windows, "q")
+        for i in range(self.n_layers):
+            with self._candidate_layer(i, kept, precision, reset=True) as layer:
+                quant = self._run(layer, i, quant, f"q{i + 1}")
+            if on_layer is not None:
+                on_layer(i + 1, self.n_layers)
+        self.streams.quant = quant
+        return self.measured(reference)
+
+    def export(
+        self,
+        kept: tuple[str, ...],
+        precision: str,
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Write every layer of the chosen candidate (after a first pass without export)."""
+        for i in range(self.n_layers):
+            with self._candidate_layer(i, kept, precision, reset=False) as layer:
+                self._export(_Scope({f"model.layers.{i}": layer}, self.config), i)
+            if on_layer is not None:
+                on_layer(i + 1, self.n_layers)
+
+    def finish(self) -> dict[str, Any]:
+        """The head shard, the index and the configs; returns hf_quant_config.json."""
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+        if self.streams is not None:
+            self.streams.quant.free()
+        model, inner, config, source, mo = (
+            self.model,
+            self.inner,
+            self.config,
+            self.source,
+            self.mo,
+        )
+        # Embeddings, final norm, lm_head: not quantized (ModelOpt disables nn.Embedding
+        # and lm_head), written in BF16 as read, after ModelOpt converts them so that
+        # get_quant_config lists them in exclude_modules as it does for the whole model.
+        head_names = ["model.embed_tokens", "model.norm", *([] if self.tied else ["lm_head"])]
+        head = _Scope({"model.embed_tokens": inner.embed_tokens, "lm_head": model.lm_head}, config)
+        _quantize_scope_without_data(head, self.cfg)
+        inner.embed_tokens = head.get_submodule("model.embed_tokens")
+        model.lm_head = head.get_submodule("lm_head")
+        keys = [k for k in source.file_of if k.startswith(HEAD_PREFIXES)]
+        keys = [k for k in keys if any(k.startswith(n + ".") for n in head_names)]
+        head_tensors = {k: v.to(torch.bfloat16) for k, v in source.read(keys).items()}
+        self._save(head_tensors, SHARD_NAME.format(1, self.n_layers + 1))
+
+        quant_config = mo.get_quant_config(model)
+        index = {
+            "metadata": {"total_size": sum(self.shard_bytes.values())},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        (self.export_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        config.dtype = torch.bfloat16
+        model.config.dtype = torch.bfloat16
+        model.config.save_pretrained(str(self.export_dir))
+        # The source's generation_config.json, as from_pretrained would have read it.
+        with contextlib.suppress(OSError, ValueError):
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(self.source_dir)
+        mo.sanitize_generation_config(model)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            with contextlib.suppress(Exception):
+                generation_config.save_pretrained(str(self.export_dir))
+        mo.write_export_config(model, quant_config, self.export_dir)
+        return cast(dict[str, Any], quant_config)
+
+    # -- inside a pass
+
+    def _run(self, layer: torch.nn.Module, i: int, hidden: Activations, gen: str) -> Activations:
+        out = Activations(hidden.spill_dir, gen)
+        with torch.no_grad():
+            for h in hidden:
+                out.append(self.calls.run(layer, i, h))
+        hidden.free()
+        return out
+
+    def _export(self, scope: _Scope, i: int) -> None:
+        tensors = _export_layer(scope, i, self.mo, self.calls)
+        self._save(tensors, SHARD_NAME.format(i + 2, self.n_layers + 1))
+
+    def _save(self, tensors: dict[str, torch.Tensor], name: str) -> None:
+        _save(tensors, self.export_dir / name, self.export_dir)
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.shard_bytes[name] = sum(v.nbytes for v in tensors.values())
+
+    @contextlib.contextmanager
+    def _candidate_layer(
+        self, i: int, kept: tuple[str, ...], precision: str, *, reset: bool
+    ) -> Iterator[torch.nn.Module]:
+        """Layer i as calibrated, kept in `precision` if `kept` names it."""
+        from nvfp4_worker.search import Layers
+
+        layer = self.layers[i]
+        prefix = f"model.layers.{i}."
+        _materialize(layer, prefix, self.source, self.device, prefix[:-1], self.states[i])
+        units = Layers(_Scope({prefix[:-1]: layer}, self.config))
+        units.keep([u for u in kept if u == prefix[:-1]], precision)
+        try:
+            yield layer
+        finally:
+            if reset:  # the next pass starts from the calibrated quantizers again
+                units.keep(())
+            _release(layer)
+
+    def _score(
+        self, hidden: Activations, reference: evaluate.Reference | None
+    ) -> evaluate.Measurement:
+        """Perplexity (and KL from `reference`) from the last layer's outputs: the final norm
+        and lm_head, materialized for this."""
+        assert self.streams is not None
+        norm, lm_head = self.inner.norm, self.model.lm_head
+        _materialize(norm, "model.norm.", self.source, self.device, "model.norm")
+        head_prefix = "model.embed_tokens." if self.tied else "lm_head."
+        _materialize(lm_head, head_prefix, self.source, self.device, "lm_head")
+
+        windows = self.streams.windows
+
+        def logits() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            # One window at a time: its logits (seq_len x vocab in float32) are the largest
+            # tensor of the evaluation, and a batch of them could outgrow a layer.
+            for ids, h in zip(windows, hidden, strict=True):
+                for r in range(ids.shape[0]):
+                    yield ids[r : r + 1], lm_head(norm(h[r : r + 1].to(self.device)))
+
+        try:
+            with torch.no_grad():
+                return evaluate.score(logits(), self.device, reference)
+        finally:
+            _release(norm)
+            _release(lm_head)
+
+
+def _sensitivity(
+    layer: torch.nn.Module, i: int, x: torch.Tensor, y: torch.Tensor, calls: _LayerCalls
+) -> float:
+    """How much quantizing layer i alone changes its output on one calibration batch:
+    ||layer_q(x) - layer(x)||^2 / ||layer(x)||^2. The search orders layers by it (the
+    whole-model search measures each layer's KL instead, which needs the whole model)."""
+    with torch.no_grad():
+        yq = calls.run(layer, i, x).float()
+        y = y.to(yq.device).float()
+        return float((yq - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+
+
+def _quantizer_state(
+    layer: torch.nn.Module, prefix: str, source: SourceTensors
+) -> dict[str, torch.Tensor]:
+    """What calibration added to the layer's state (the quantizers' amax), on the CPU."""
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in layer.state_dict().items()
+        if prefix + k not in source.file_of
+    }
+
+
 def quantize_layerwise(
     source_dir: Path,
     model_name: str,
@@ -487,132 +831,35 @@ def quantize_layerwise(
     Returns:
         The hf_quant_config.json content and what the run did.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    mo = _modelopt_export()
-    timings: dict[str, float] = {}
-    t = time.monotonic()
-    source = SourceTensors(source_dir, model_name)
-    config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    inner = getattr(model, "model", None)
-    if (
-        inner is None
-        or not isinstance(getattr(inner, "layers", None), torch.nn.ModuleList)
-        or not all(hasattr(inner, a) for a in ("embed_tokens", "norm", "rotary_emb"))
-        or not hasattr(model, "lm_head")
-    ):
-        raise JobError(
-            f"model {model_name} ({config.model_type}): layer-by-layer quantization supports"
-            " Llama/Qwen-style decoders (model.embed_tokens, model.layers, model.norm, lm_head)"
-        )
-    layers: torch.nn.ModuleList = inner.layers
-    # ModelOpt registers a model's attention classes for KV-cache quantization when it
-    # converts a whole transformers model; the layers here are converted on their own.
-    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
-
-    register_hf_attentions_on_the_fly(model)
-    n_layers = len(layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    # Every tensor's name and shape is checked against config.json before any is read, so
-    # a mismatched or missing tensor fails in a second, not after an hour of layers.
-    skeleton_keys = {k: list(v.shape) for k, v in model.state_dict().items()}
-    if tied:
-        skeleton_keys.pop("lm_head.weight", None)
-    for key, shape in skeleton_keys.items():
-        if key not in source.shapes:
-            where = key.split(".weight")[0]
-            raise JobError(
-                f"model {model_name}: {where} does not match config.json (missing {key})"
-            )
-        if source.shapes[key] != shape:
-            raise JobError(
-                f"model {model_name}: {key} is {source.shapes[key]}, config.json makes it {shape}"
-            )
-
-    seq_len = calib.shape[1]
-    n_bytes = (
-        calib.shape[0] * seq_len * config.hidden_size * torch.empty((), dtype=dtype).element_size()
+    run = LayerwiseRun(
+        source_dir,
+        model_name,
+        cfg,
+        export_dir,
+        device=device,
+        dtype=dtype,
+        calib_shape=(calib.shape[0], calib.shape[1]),
+        held_out_shape=None,
+        activation_budget=activation_budget,
     )
-    spill = activation_budget is not None and 2 * n_bytes > activation_budget
-    spill_dir = export_dir / ".spill" if spill else None
-    if spill_dir is not None:
-        spill_dir.mkdir(parents=True, exist_ok=True)
+    run.calibrate(batches, on_layer=on_layer)
+    quant_config = run.finish()
+    return LayerwiseResult(quant_config, run.n_layers, run.spill, run.activation_bytes, run.timings)
 
-    # Embeddings -> the first layer's inputs.
-    embed = inner.embed_tokens
-    _materialize(embed, "model.embed_tokens.", source, device, "model.embed_tokens")
-    hidden = Activations(spill_dir, 0)
-    with torch.no_grad():
-        for batch in batches:
-            hidden.append(embed(batch.to(device)))
-    _release(embed)
-    calls = _LayerCalls(config, inner, seq_len, device, dtype)
-    timings["prepare"] = round(time.monotonic() - t, 3)
 
-    weight_map: dict[str, str] = {}
-    n_shards = n_layers + 1
-    total_bytes = 0
-    t = time.monotonic()
-    for i in range(n_layers):
-        _materialize(layers[i], f"model.layers.{i}.", source, device, f"model.layers.{i}")
-        scope = _Scope({f"model.layers.{i}": layers[i]}, config)
-        hidden = _calibrate_layer(scope, i, cfg, hidden, calls)
-        # ModelOpt may swap a module for its quantized class: keep the skeleton's the same.
-        layers[i] = scope.get_submodule(f"model.layers.{i}")
-        tensors = _export_layer(scope, i, mo, calls)
-        name = SHARD_NAME.format(i + 2, n_shards)
-        _save(tensors, export_dir / name, export_dir)
-        total_bytes += sum(v.nbytes for v in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors, scope
-        _release(layers[i])
-        if on_layer is not None:
-            on_layer(i + 1, n_layers)
-    hidden.free()
-    if spill_dir is not None:
-        shutil.rmtree(spill_dir, ignore_errors=True)
-    timings["layers"] = round(time.monotonic() - t, 3)
-
-    # Embeddings, final norm, lm_head: not quantized (ModelOpt disables nn.Embedding and
-    # lm_head), written in BF16 as read, after ModelOpt converts them so that
-    # get_quant_config lists them in exclude_modules as it does for the whole model.
-    head_names = ["model.embed_tokens", "model.norm", *([] if tied else ["lm_head"])]
-    head = _Scope({"model.embed_tokens": inner.embed_tokens, "lm_head": model.lm_head}, config)
-    _quantize_scope_without_data(head, cfg)
-    inner.embed_tokens = head.get_submodule("model.embed_tokens")
-    model.lm_head = head.get_submodule("lm_head")
-    keys = [k for k in source.file_of if k.startswith(HEAD_PREFIXES)]
-    keys = [k for k in keys if any(k.startswith(n + ".") for n in head_names)]
-    head_tensors = {k: v.to(torch.bfloat16) for k, v in source.read(keys).items()}
-    name = SHARD_NAME.format(1, n_shards)
-    _save(head_tensors, export_dir / name, export_dir)
-    total_bytes += sum(v.nbytes for v in head_tensors.values())
-    weight_map.update(dict.fromkeys(head_tensors, name))
-    del head_tensors
-
-    quant_config = mo.get_quant_config(model)
-    index = {
-        "metadata": {"total_size": total_bytes},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (export_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config.dtype = torch.bfloat16
-    model.config.dtype = torch.bfloat16
-    model.config.save_pretrained(str(export_dir))
-    # The source's generation_config.json, as from_pretrained would have read it.
-    with contextlib.suppress(OSError, ValueError):
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(source_dir)
-    mo.sanitize_generation_config(model)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        with contextlib.suppress(Exception):
-            generation_config.save_pretrained(str(export_dir))
-    mo.write_export_config(model, quant_config, export_dir)
-    return LayerwiseResult(quant_config, n_layers, spill, 2 * n_bytes, timings)
+def stream_bytes(
+    calib_shape: tuple[int, int],
+    held_out_shape: tuple[int, int] | None,
+    hidden_size: int,
+    dtype: torch.dtype,
+) -> int:
+    """Host memory of the hidden states a pass keeps: a layer's calibration inputs and
+    outputs, and with held-out windows their two streams (inputs and outputs of each)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    tokens = 2 * calib_shape[0] * calib_shape[1]
+    if held_out_shape is not None:
+        tokens += 4 * held_out_shape[0] * held_out_shape[1]
+    return tokens * hidden_size * item
 
 
 def _quantize_scope_without_data(scope: _Scope, cfg: dict[str, Any]) -> None:

@@ -169,21 +169,24 @@ def choose_mode(
     *,
     requested: bool,
     can_switch: bool = True,
+    eval_samples: int = 0,
 ) -> Mode:
     """The job's mode: layer by layer when asked (`requested`), or when the whole model
-    does not fit but one layer at a time does (unless `can_switch` is False, e.g. a job
-    with a quality target, whose search needs the whole model). JobError when neither
-    fits."""
+    does not fit but one layer at a time does (unless `can_switch` is False: a recipe
+    that layer-by-layer mode does not run). JobError when neither fits."""
     dtype = str(compute_dtype).removeprefix("torch.")
     samples, seq_len = calib
 
     def layered() -> Mode:
-        budget = activation_budget(layerwise_peak(sizes, 0, seq_len, dtype, in_host), have)
+        base = layerwise_peak(sizes, 0, seq_len, dtype, in_host)
+        budget = activation_budget(base, have)
+        streams = 2 * samples + 4 * eval_samples
         spill = (
-            budget is not None
-            and 2 * activation_bytes(samples, seq_len, sizes.hidden, dtype) > budget
+            budget is not None and activation_bytes(streams, seq_len, sizes.hidden, dtype) > budget
         )
-        need = layerwise_peak(sizes, samples, seq_len, dtype, in_host, spill=spill)
+        need = layerwise_peak(
+            sizes, samples, seq_len, dtype, in_host, spill=spill, eval_samples=eval_samples
+        )
         line = check(model, need, have)
         how = "activations spilled to disk" if spill else "activations in memory"
         return Mode(True, f"{line}; layer by layer, {how}", budget)

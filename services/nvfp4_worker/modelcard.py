@@ -40,6 +40,14 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
+# What a report's sensitivity figures are: [whole model, layer by layer].
+SENSITIVITY = (
+    "KL with only that layer quantized",
+    "relative change of that layer's output when it alone is quantized, measured layer by"
+    " layer",
+)
+
+
 def render(report: dict[str, Any]) -> str:
     """Markdown for a report as written by the pipeline (report.json)."""
     fmt = report["format"]
@@ -193,7 +201,7 @@ def _search(report: dict[str, Any]) -> list[str]:
         out += [
             "",
             f"Kept in {(report.get('kept_as') or 'bf16').upper()} by measured sensitivity"
-            " (KL with only that layer quantized):",
+            f" ({SENSITIVITY[report.get('mode') == 'layerwise']}):",
             "",
             *(f"- `{k}`: {_num(sens.get(k), '{:.4f}')}" for k in kept),
         ]

@@ -187,8 +187,8 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         info.source_bytes, source_dtype, dtype, memory.weights_in_host_memory(device)
     )
     # A model that does not fit whole is quantized layer by layer (layerwise.py), if that
-    # fits; a job with a quality target (its search needs the model) or another recipe
-    # than the default (layer-by-layer mode runs max calibration only) is not switched.
+    # fits; a job with another recipe than the default (layer-by-layer mode runs max
+    # calibration only) is not switched.
     mode = (
         memory.choose_mode(
             spec.model,
@@ -199,7 +199,8 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
             memory.weights_in_host_memory(device),
             memory.room(),
             requested=spec.layerwise,
-            can_switch=spec.target is None and spec.recipe in (None, DEFAULT_RECIPE),
+            can_switch=spec.recipe in (None, DEFAULT_RECIPE),
+            eval_samples=spec.eval_samples,
         )
         if settings.worker_memory_preflight
         else memory.Mode(
@@ -384,11 +385,7 @@ def _quantize(
         return model
 
     def size_of(recipe: str | None, kept: tuple[str, ...], precision: str = "bf16") -> int:
-        keeps = [*spec.exclude, *(RECIPES[recipe].keeps if recipe else ())]
-        layers = [f"{k}." for k in kept]
-        if precision == "fp8":
-            return checkpoint.estimate_output_bytes(plan.source.path, spec.format, keeps, layers)
-        return checkpoint.estimate_output_bytes(plan.source.path, spec.format, keeps + layers)
+        return candidate_size(plan, recipe, kept, precision)
 
     def measure(
         recipe: str | None, kept: tuple[str, ...], precision: str = "bf16"
@@ -455,12 +452,20 @@ def _quantize(
             break
     outcome = search.Outcome(chosen, candidates, sens)
     if chosen is None:
-        best = outcome.best
-        raise JobError(
-            f"no candidate keeps the target ({target.describe()}): the closest was"
-            f" {best.describe() if best else 'none'}; {len(candidates)} tried (job log)"
-        )
+        raise JobError(outcome.failure(target))
     return model, outcome
+
+
+def candidate_size(
+    plan: _Plan, recipe: str | None, kept: tuple[str, ...], precision: str = "bf16"
+) -> int:
+    """The estimated checkpoint size of a search candidate."""
+    spec = plan.spec
+    keeps = [*spec.exclude, *(RECIPES[recipe].keeps if recipe else ())]
+    layers = [f"{k}." for k in kept]
+    if precision == "fp8":
+        return checkpoint.estimate_output_bytes(plan.source.path, spec.format, keeps, layers)
+    return checkpoint.estimate_output_bytes(plan.source.path, spec.format, keeps + layers)
 
 
 def _each(reporter: Reporter, stage: Stage, what: str, scale: float) -> Any:

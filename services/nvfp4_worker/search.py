@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -80,6 +80,20 @@ def judge(c: Candidate, target: QualityTarget) -> Candidate:
         misses.append(f"larger than {target.max_size_gb:g} GB")
     c.meets, c.why_not = not misses, "; ".join(misses)
     return c
+
+
+class Keeps(Protocol):
+    """What the bisection sets before it measures a candidate: `Layers` on a whole model;
+    layer by layer, each pass applies the candidate itself (NoModel)."""
+
+    def keep(self, kept: Iterable[str], precision: str = "bf16") -> None: ...
+
+
+class NoModel:
+    """`Keeps` for a search whose measurement applies the candidate (layer by layer)."""
+
+    def keep(self, kept: Iterable[str], precision: str = "bf16") -> None:
+        pass
 
 
 class Layers:
@@ -169,6 +183,14 @@ class Outcome:
             else None
         )
 
+    def failure(self, target: QualityTarget) -> str:
+        """The job's one-line error when no candidate kept `target`."""
+        best = self.best
+        return (
+            f"no candidate keeps the target ({target.describe()}): the closest was"
+            f" {best.describe() if best else 'none'}; {len(self.candidates)} tried (job log)"
+        )
+
 
 # (kept layers, their precision) -> candidate measured on the held-out text
 Evaluate = Callable[[tuple[str, ...], str], Candidate]
@@ -204,7 +226,7 @@ def shortfall(c: Candidate, target: QualityTarget) -> float | None:
 
 
 def keep_layers(
-    layers: Layers,
+    layers: Keeps,
     order: list[str],
     evaluate: Evaluate,
     target: QualityTarget,

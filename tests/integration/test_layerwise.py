@@ -338,3 +338,98 @@ def test_auto_selected_when_the_whole_model_does_not_fit(
     report = json.loads((Path(result.output_path) / "report.json").read_text())
     assert report["mode"] == "layerwise"
     assert any("quantizing layer by layer" in line for line in logs), logs
+
+
+def test_quality_search_layer_by_layer_matches_the_whole_model(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """A quality target in layer-by-layer mode: the held-out perplexity and KL measured
+    layer by layer are the whole model's, the search keeps the same layer in FP8, and the
+    exported MIXED_PRECISION checkpoint is the whole-model search's, bit for bit. The
+    activations are spilled to disk (no memory for them), so that path runs too."""
+    settings = make_settings(workspace, tmp_path / "models")
+    plain = pipeline.run(
+        spec(workspace["tiny"], workspace["calib"], "lw-plain", eval_samples=4, layerwise=True),
+        settings,
+        PrintReporter(),
+        "j-p",
+    )
+    first = json.loads((Path(plain.output_path) / "report.json").read_text())["evaluation"]
+    assert first["perplexity_base"] and first["kl"] and first["kl"] > 0
+    # A KL target the every-layer candidate misses: the search must keep layers.
+    target = {"max_kl": first["kl"] * 0.6}
+    whole = pipeline.run(
+        spec(workspace["tiny"], workspace["calib"], "whole", eval_samples=4, target=target),
+        settings,
+        PrintReporter(),
+        "j-w",
+    )
+    logs: list[str] = []
+
+    class Log(PrintReporter):
+        def log(self, message: str) -> None:
+            logs.append(message)
+
+    plan = pipeline._plan
+
+    def spilling(*args: object, **kw: object) -> object:
+        planned = plan(*args, **kw)  # type: ignore[arg-type]
+        planned.activation_budget = 0
+        return planned
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(pipeline, "_plan", spilling):
+        layered = pipeline.run(
+            spec(
+                workspace["tiny"],
+                workspace["calib"],
+                "layered",
+                eval_samples=4,
+                target=target,
+                layerwise=True,
+            ),
+            settings,
+            Log(),
+            "j-l",
+        )
+    w = json.loads((Path(whole.output_path) / "report.json").read_text())
+    lw = json.loads((Path(layered.output_path) / "report.json").read_text())
+    assert lw["mode"] == "layerwise" and lw["layerwise"]["activations_spilled"] is True
+    assert lw["evaluation"]["perplexity_base"] == pytest.approx(
+        w["evaluation"]["perplexity_base"], rel=1e-5
+    )
+    assert lw["search"]["candidates"][0]["kl"] == pytest.approx(first["kl"], rel=1e-6)
+    assert lw["kept_layers"] and lw["kept_as"] == "fp8"
+    assert (lw["kept_layers"], lw["kept_as"]) == (w["kept_layers"], w["kept_as"])
+    assert lw["evaluation"]["kl"] == pytest.approx(w["evaluation"]["kl"], rel=1e-4)
+    assert lw["evaluation"]["kl"] <= target["max_kl"]
+    assert len(lw["search"]["sensitivity"]) == 2
+    assert any(line.startswith("candidate: ") for line in logs), logs
+    assert_same_checkpoint(Path(whole.output_path), Path(layered.output_path))
+    quant = json.loads((Path(layered.output_path) / "hf_quant_config.json").read_text())
+    assert quant["quantization"]["quant_algo"] == "MIXED_PRECISION"
+    assert not list(Path(layered.output_path).rglob(".spill"))
+    card = (Path(layered.output_path) / "README.md").read_text()
+    assert "Kept in FP8" in card and "measured layer by layer" in card
+
+
+def test_quality_search_layer_by_layer_that_cannot_meet_its_target_leaves_nothing(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = make_settings(workspace, tmp_path / "models")
+    job = spec(
+        workspace["tiny"],
+        workspace["calib"],
+        "never",
+        eval_samples=4,
+        target={"max_kl": 1e-12},
+        layerwise=True,
+    )
+    with pytest.raises(JobError) as err:
+        pipeline.run(job, settings, PrintReporter(), "j-n")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("no candidate keeps the target"), message
+    # every layer quantized, then the FP8 and the BF16 bisections of 2 layers
+    assert "tried" in message
+    assert_failed_cleanly(settings)

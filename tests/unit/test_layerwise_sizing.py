@@ -67,6 +67,33 @@ def test_layerwise_peak_parts() -> None:
     assert layerwise_peak(sizes, 512, 2048, "bfloat16", weights_in_host=False).weights == 0
 
 
+def test_layerwise_peak_with_held_out_windows() -> None:
+    """Held-out evaluation layer by layer: two more streams (inputs and outputs of each)
+    and one window's float32 logits, or the head shard, whichever is larger."""
+    sizes = layer_sizes(Shape.from_config(QWEN3_32B).tensors())
+    plain = layerwise_peak(sizes, 512, 2048, "bfloat16", weights_in_host=True)
+    peak = layerwise_peak(sizes, 512, 2048, "bfloat16", weights_in_host=True, eval_samples=32)
+    # 2,048-token windows: the logits (2.5 GB) stay below the 3.1 GB head shard.
+    assert peak.working - plain.working == 4 * 32 * 2048 * 5120 * 2
+    # 8,192-token windows: the logits (10 GB) are the larger.
+    plain = layerwise_peak(sizes, 16, 8192, "bfloat16", weights_in_host=True)
+    peak = layerwise_peak(sizes, 16, 8192, "bfloat16", weights_in_host=True, eval_samples=8)
+    logits = 2 * 8192 * 151936 * 4
+    assert logits > sizes.head_bf16_bytes
+    streams = 4 * 8 * 8192 * 5120 * 2
+    assert peak.working - plain.working == streams + logits - sizes.head_bf16_bytes
+    spilled = layerwise_peak(
+        sizes, 16, 8192, "bfloat16", weights_in_host=True, spill=True, eval_samples=8
+    )
+    assert spilled.working == 6 * 8192 * 5120 * 2 + logits  # one batch of each stream
+
+
+def test_held_out_streams_count_towards_spilling() -> None:
+    # With the memory left for activations, 64 held-out windows tip them onto disk.
+    assert "activations in memory" in choose(56).note
+    assert "activations spilled to disk" in choose(56, eval_samples=2048).note
+
+
 @pytest.mark.parametrize(
     ("config", "spark_whole", "card_whole"),
     [(LLAMA_33_70B, False, False), (QWEN3_32B, True, False)],
@@ -127,7 +154,7 @@ def test_layerwise_when_only_it_fits() -> None:
     assert "activations spilled to disk" in choose(8).note
 
 
-def test_not_switched_for_a_target_or_when_nothing_fits() -> None:
+def test_not_switched_for_another_recipe_or_when_nothing_fits() -> None:
     with pytest.raises(JobError, match="does not fit"):
         choose(56, can_switch=False)
     with pytest.raises(JobError, match="does not fit"):
@@ -136,3 +163,10 @@ def test_not_switched_for_a_target_or_when_nothing_fits() -> None:
 
 def test_requested_layerwise_even_when_the_whole_model_fits() -> None:
     assert choose(100, requested=True).layerwise
+
+
+def test_estimate_counts_the_default_held_out_windows() -> None:
+    from nvfp4_admin.sizing import DEFAULT_EVAL_SAMPLES
+    from nvfp4_common.jobs import JobSpec
+
+    assert DEFAULT_EVAL_SAMPLES == JobSpec.model_fields["eval_samples"].default
