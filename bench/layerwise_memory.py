@@ -2,16 +2,20 @@
 
 A random-weight Llama-shaped checkpoint (BF16, one shard per layer, written one layer at
 a time, so making it takes no more memory than the job) is quantized to NVFP4 by the
-worker's pipeline in a child process whose memory preflight sees `--limit-gib` as the
-container's limit (memory.room): the whole-model rule refuses the model, so the worker
-switches to layer-by-layer mode by itself, as it would in a container with that limit.
+worker's pipeline in a child process whose preflight plans by `--limit-gib`
+(worker_memory_limit_gb): the whole-model rule refuses the model, so the worker switches
+to layer-by-layer mode by itself, as it would in a container with that limit.
+
 The child's peak RSS (ru_maxrss) is recorded against the model's size; `--serve` then
 loads the result in vLLM's CPU build (.venv-serve) and generates.
 
 No cgroup is set here (this machine's cgroup files are read-only); the limit is the
-worker's own preflight and the measured RSS is compared with it.
+worker's own setting (NVFP4_WORKER_MEMORY_LIMIT_GB, `worker_memory_limit_gb`), which its
+preflight plans by, and the measured RSS is compared with it.
 
     .venv/bin/python bench/layerwise_memory.py                 # 5.4 GB model, 2.4 GiB limit
+    .venv/bin/python bench/layerwise_memory.py --layers 116 --hidden 1024 --inner 2816 \
+        --limit-gib 1.2 --serve                                # 2.6 GB, 1.2 GiB: the CI test
     .venv/bin/python bench/layerwise_memory.py --layers 12 --serve
 """
 
@@ -40,14 +44,14 @@ from nvfp4_common.settings import Settings
 from nvfp4_worker import memory, pipeline
 from nvfp4_worker.reporter import PrintReporter
 src, calib, models_dir, limit = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
-memory.room = lambda *a, **k: memory.Room(limit, None)  # the container's limit, as set
 logs = []
 class Log(PrintReporter):
     def log(self, message):
         logs.append(message)
         print(message, flush=True)
 settings = Settings(models_dir=models_dir, model_roots=[Path(src).parent], device="cpu",
-                    hf_offline=True, min_free_disk_gb=0.01, _env_file=None)
+                    hf_offline=True, min_free_disk_gb=0.01, _env_file=None,
+                    worker_memory_limit_gb=limit / 2**30)
 spec = JobSpec(model=src, calib_dataset=calib, calib_samples=8, calib_seq_len=128,
                eval_samples=0, output_name="big-nvfp4")
 r = pipeline.run(spec, settings, Log(), job_id="bench-layerwise")

@@ -105,6 +105,13 @@ class Settings(BaseSettings, _ServeSettings):
         description="Before loading a model, refuse a job whose estimated memory need exceeds"
         " the container's memory limit or MemAvailable; false tries anyway (swap, odd cgroups).",
     )
+    worker_memory_limit_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Most memory (GiB) a job may plan to use, below the container's limit and"
+        " MemAvailable; a model that does not fit whole in it is quantized layer by layer."
+        " Unset: those two only.",
+    )
     worker_vllm_python: str = Field(
         "auto",
         description="Python with vLLM that measures a published checkpoint's decode speed"
@@ -172,6 +179,12 @@ class Settings(BaseSettings, _ServeSettings):
     )
     k8s_namespace: str = Field("default", description="Kubernetes namespace of the Helm release.")
     helm_release: str = Field("nvfp4", description="Helm release name of the stack.")
+
+    @field_validator("worker_memory_limit_gb", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        # .env.example lists it as `NVFP4_WORKER_MEMORY_LIMIT_GB=`: empty means no limit.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("redis_url")
     @classmethod

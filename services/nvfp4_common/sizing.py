@@ -299,6 +299,7 @@ def layerwise_peak(
     weights_in_host: bool,
     spill: bool = False,
     eval_samples: int = 0,
+    runtime: int = RUNTIME_BYTES,
 ) -> PeakMemory:
     """Peak host memory of quantizing one decoder layer at a time (nvfp4_worker.layerwise).
 
@@ -314,7 +315,9 @@ def layerwise_peak(
              + the largest shard being written (embeddings, norm and lm_head in BF16,
                or one layer read in BF16 and written quantized: about 2.6 bytes per
                parameter, whichever is larger)
-             + 2 GiB (torch, ModelOpt, the CUDA context, tokenizer, calibration text)
+             + 2 GiB (torch, ModelOpt, the CUDA context, tokenizer, calibration text), or
+               in the worker, what its process holds at the preflight plus a margin
+               (`runtime`, nvfp4_worker.memory.layerwise_runtime), if that is less
 
     The activations always sit in host memory (one batch at a time goes to a GPU), so on
     a discrete GPU W counts as 0 here and the GPU holds one layer, one batch and the
@@ -337,6 +340,4 @@ def layerwise_peak(
     # A layer is read in BF16 (2 bytes a parameter) while its quantized tensors (about
     # 0.6 bytes a parameter in NVFP4) are written.
     writing = max(sizes.head_bf16_bytes, int(2.6 * sizes.largest_layer_params))
-    return PeakMemory(
-        "layerwise", weights, acts + max(writing, logits), RUNTIME_BYTES, compute_dtype
-    )
+    return PeakMemory("layerwise", weights, acts + max(writing, logits), runtime, compute_dtype)

@@ -21,6 +21,7 @@ Everything here reads files passed as paths, so tests can give their own.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import torch
 
 from nvfp4_common.meminfo import MEMINFO, parse_meminfo, read_meminfo
 from nvfp4_common.sizing import (
+    GIB,
+    RUNTIME_BYTES,
     LayerSizes,
     PeakMemory,
     activation_bytes,
@@ -38,6 +41,9 @@ from nvfp4_common.sizing import (
 from nvfp4_worker.errors import JobError
 
 CGROUP_V2_MAX = Path("/sys/fs/cgroup/memory.max")
+# What a layer-by-layer job's process grows by after the preflight, beyond the layer, the
+# activations and the shard being written (measured on CPU: see layerwise_runtime).
+LAYERWISE_RUNTIME_MARGIN = GIB // 2
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
 # cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
 _NO_LIMIT = 2**62
@@ -104,12 +110,38 @@ def mem_available(meminfo: Path = MEMINFO) -> int | None:
         return None
 
 
-def room(v2: Path | None = None, v1: Path | None = None, meminfo: Path | None = None) -> Room:
-    """This process's Room, from the system's files unless others are given."""
-    return Room(
-        cgroup_limit(v2 or CGROUP_V2_MAX, v1 or CGROUP_V1_LIMIT),
-        mem_available(meminfo or MEMINFO),
-    )
+def room(
+    v2: Path | None = None,
+    v1: Path | None = None,
+    meminfo: Path | None = None,
+    cap: int | None = None,
+) -> Room:
+    """This process's Room, from the system's files unless others are given; `cap` (the
+    worker's own limit, NVFP4_WORKER_MEMORY_LIMIT_GB) lowers the container's."""
+    limit = cgroup_limit(v2 or CGROUP_V2_MAX, v1 or CGROUP_V1_LIMIT)
+    if cap is not None:
+        limit = cap if limit is None else min(limit, cap)
+    return Room(limit, mem_available(meminfo or MEMINFO))
+
+
+def rss_bytes(statm: Path = Path("/proc/self/statm")) -> int | None:
+    """This process's resident memory now; None where /proc is not there."""
+    try:
+        pages = int(statm.read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def layerwise_runtime(rss: int | None) -> int:
+    """The fixed part of a layer-by-layer job's peak: what this process holds already at
+    the preflight (torch, transformers, ModelOpt, the CUDA context: all imported or made
+    by then) plus LAYERWISE_RUNTIME_MARGIN for what comes later (the tokenizer, the
+    calibration text, ModelOpt's export). Never more than the whole-model rule's fixed
+    2 GiB, which holds the same and was set for small models' evaluation passes."""
+    if rss is None:
+        return RUNTIME_BYTES
+    return min(RUNTIME_BYTES, rss + LAYERWISE_RUNTIME_MARGIN)
 
 
 def check(model: str, need: PeakMemory, have: Room) -> str:
@@ -170,6 +202,7 @@ def choose_mode(
     requested: bool,
     can_switch: bool = True,
     eval_samples: int = 0,
+    runtime: int = RUNTIME_BYTES,
 ) -> Mode:
     """The job's mode: layer by layer when asked (`requested`), or when the whole model
     does not fit but one layer at a time does (unless `can_switch` is False: a recipe
@@ -178,14 +211,21 @@ def choose_mode(
     samples, seq_len = calib
 
     def layered() -> Mode:
-        base = layerwise_peak(sizes, 0, seq_len, dtype, in_host)
+        base = layerwise_peak(sizes, 0, seq_len, dtype, in_host, runtime=runtime)
         budget = activation_budget(base, have)
         streams = 2 * samples + 4 * eval_samples
         spill = (
             budget is not None and activation_bytes(streams, seq_len, sizes.hidden, dtype) > budget
         )
         need = layerwise_peak(
-            sizes, samples, seq_len, dtype, in_host, spill=spill, eval_samples=eval_samples
+            sizes,
+            samples,
+            seq_len,
+            dtype,
+            in_host,
+            spill=spill,
+            eval_samples=eval_samples,
+            runtime=runtime,
         )
         line = check(model, need, have)
         how = "activations spilled to disk" if spill else "activations in memory"

@@ -43,8 +43,7 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
 # What a report's sensitivity figures are: [whole model, layer by layer].
 SENSITIVITY = (
     "KL with only that layer quantized",
-    "relative change of that layer's output when it alone is quantized, measured layer by"
-    " layer",
+    "relative change of that layer's output when it alone is quantized, measured layer by layer",
 )
 
 

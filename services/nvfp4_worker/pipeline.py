@@ -197,10 +197,11 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
             (spec.calib_samples, spec.calib_seq_len),
             dtype,
             memory.weights_in_host_memory(device),
-            memory.room(),
+            memory.room(cap=_gib_bytes(settings.worker_memory_limit_gb)),
             requested=spec.layerwise,
             can_switch=spec.recipe in (None, DEFAULT_RECIPE),
             eval_samples=spec.eval_samples,
+            runtime=memory.layerwise_runtime(memory.rss_bytes()),
         )
         if settings.worker_memory_preflight
         else memory.Mode(
@@ -223,6 +224,10 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         layerwise=mode.layerwise,
         activation_budget=mode.activation_budget,
     )
+
+
+def _gib_bytes(gb: float | None) -> int | None:
+    return None if gb is None else int(gb * 2**30)
 
 
 def _load(plan: _Plan) -> tuple[Any, torch.nn.Module]:

@@ -105,3 +105,33 @@ def test_the_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cpu_weights_are_host_memory() -> None:
     assert memory.weights_in_host_memory(torch.device("cpu"))
+
+
+def test_the_workers_own_limit_lowers_the_containers(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemAvailable:   {100 * 1024 * 1024} kB\n")
+    (tmp_path / "v2").write_text(f"{56 * GIB}\n")
+    lower = memory.room(tmp_path / "v2", tmp_path / "v1", meminfo, cap=8 * GIB)
+    assert (lower.limit, lower.usable) == (8 * GIB, 8 * GIB)
+    higher = memory.room(tmp_path / "v2", tmp_path / "v1", meminfo, cap=64 * GIB)
+    assert higher.limit == 56 * GIB  # a setting cannot raise the kernel's limit
+    no_cgroup = memory.room(tmp_path / "none", tmp_path / "none", meminfo, cap=8 * GIB)
+    assert no_cgroup.limit == 8 * GIB
+
+
+def test_layerwise_runtime_is_what_the_process_holds_plus_a_margin() -> None:
+    held = memory.rss_bytes()
+    assert held is not None and 10 * 2**20 < held < 16 * GIB  # this test process
+    assert memory.layerwise_runtime(GIB) == GIB + memory.LAYERWISE_RUNTIME_MARGIN
+    # Never more than the whole-model rule's fixed part, and that part where /proc is not.
+    assert memory.layerwise_runtime(3 * GIB) == 2 * GIB
+    assert memory.layerwise_runtime(None) == 2 * GIB
+
+
+def test_setting_empty_means_no_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvfp4_common.settings import Settings
+
+    monkeypatch.setenv("NVFP4_WORKER_MEMORY_LIMIT_GB", "")
+    assert Settings(_env_file=None).worker_memory_limit_gb is None
+    monkeypatch.setenv("NVFP4_WORKER_MEMORY_LIMIT_GB", "1.5")
+    assert Settings(_env_file=None).worker_memory_limit_gb == 1.5
