@@ -581,7 +581,8 @@ class LayerwiseRun:
         export: bool = True,
         on_layer: Callable[[int, int], None] | None = None,
     ) -> dict[str, float]:
-        """The first pass; returns each layer's sensitivity (see `_sensitivity`)."""
+        """The first pass. Without `export` (a search follows) it keeps each layer's
+        quantizer ranges and returns each layer's sensitivity (see `_sensitivity`)."""
         t = time.monotonic()
         hidden = self.embed(batches, "c")
         streams = None
@@ -597,13 +598,14 @@ class LayerwiseRun:
             if streams is not None and streams.base is not None:
                 streams.base = self._run(layer, i, streams.base, f"b{i + 1}")
             scope = _Scope({f"model.layers.{i}": layer}, self.config)
-            first_input = hidden[0]
+            first_input = None if export else hidden[0]
             hidden = _calibrate_layer(scope, i, self.cfg, hidden, self.calls)
             # ModelOpt may swap a module for its quantized class: keep the skeleton's the same.
             layer = self.layers[i] = scope.get_submodule(f"model.layers.{i}")
-            sensitivity[f"model.layers.{i}"] = _sensitivity(
-                layer, i, first_input, hidden[0], self.calls
-            )
+            if first_input is not None:
+                sensitivity[f"model.layers.{i}"] = _sensitivity(
+                    layer, i, first_input, hidden[0], self.calls
+                )
             if streams is not None:
                 streams.quant = self._run(layer, i, streams.quant, f"q{i + 1}")
             if export:

@@ -433,3 +433,21 @@ def test_quality_search_layer_by_layer_that_cannot_meet_its_target_leaves_nothin
     # every layer quantized, then the FP8 and the BF16 bisections of 2 layers
     assert "tried" in message
     assert_failed_cleanly(settings)
+
+
+def test_size_only_target_layer_by_layer_without_held_out_text(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """Nothing to measure: the every-layer candidate is judged on its size alone."""
+    settings = make_settings(workspace, tmp_path / "models")
+    small = {"max_size_gb": 1.0}
+    job = spec(workspace["tiny"], workspace["calib"], "small", target=small, layerwise=True)
+    result = pipeline.run(job, settings, PrintReporter(), "j-s")
+    report = json.loads((Path(result.output_path) / "report.json").read_text())
+    assert report["mode"] == "layerwise" and report["kept_layers"] == []
+    assert report["search"]["candidates"][0]["meets"] is True
+    assert report["evaluation"]["perplexity_quant"] is None
+    tiny = {"max_size_gb": 1e-6}
+    job = spec(workspace["tiny"], workspace["calib"], "tiny", target=tiny, layerwise=True)
+    with pytest.raises(JobError, match="no candidate keeps the target"):
+        pipeline.run(job, settings, PrintReporter(), "j-t")

@@ -169,4 +169,4 @@ def test_estimate_counts_the_default_held_out_windows() -> None:
     from nvfp4_admin.sizing import DEFAULT_EVAL_SAMPLES
     from nvfp4_common.jobs import JobSpec
 
-    assert DEFAULT_EVAL_SAMPLES == JobSpec.model_fields["eval_samples"].default
+    assert JobSpec.model_fields["eval_samples"].default == DEFAULT_EVAL_SAMPLES
