@@ -26,7 +26,7 @@ def run_job(model: Path, calib: Path, models_dir: Path, name: str, **fields: Any
         model_roots=[model.parent],
         device="cuda",
         hf_offline=True,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
     spec = JobSpec(
         model=str(model),
