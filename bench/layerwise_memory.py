@@ -14,8 +14,8 @@ worker's own setting (NVFP4_WORKER_MEMORY_LIMIT_GB, `worker_memory_limit_gb`), w
 preflight plans by, and the measured RSS is compared with it.
 
     .venv/bin/python bench/layerwise_memory.py                 # 5.4 GB model, 2.4 GiB limit
-    .venv/bin/python bench/layerwise_memory.py --layers 116 --hidden 1024 --inner 2816 \
-        --limit-gib 1.2 --serve                                # 2.6 GB, 1.2 GiB: the CI test
+    .venv/bin/python bench/layerwise_memory.py --layers 154 --hidden 1024 --inner 2816 \
+        --limit-gib 1.6 --serve                                # 3.5 GB, 1.6 GiB: the CI test
     .venv/bin/python bench/layerwise_memory.py --layers 12 --serve
 """
 

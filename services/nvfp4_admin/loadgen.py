@@ -23,6 +23,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,7 +203,7 @@ async def stream_request(
         if r.status_code != 200:
             text = (await r.aread()).decode(errors="replace")
             raise RuntimeError(f"HTTP {r.status_code}: {' '.join(text.split())[:300]}")
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r.aiter_text()):
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -222,6 +223,23 @@ async def stream_request(
         raise RuntimeError("the stream ended without any generated text")
     ttft = (first if first is not None else end) - start
     return RequestStats(ttft, end - start, usage_tokens or chunks, usage_tokens, chunks)
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, split at line feeds only.
+
+    httpx's `aiter_lines` splits at every line boundary of `str.splitlines`, U+2028, U+0085
+    and \x1c-\x1e included, which a JSON string in a `data:` line may hold raw (a model
+    can generate them): the line is then cut mid-string and does not parse.
+    """
+    pending = ""
+    async for text in chunks:
+        pending += text
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
 
 
 def v1_url(base_url: str) -> str:

@@ -209,6 +209,7 @@ def choose_mode(
     that layer-by-layer mode does not run). JobError when neither fits."""
     dtype = str(compute_dtype).removeprefix("torch.")
     samples, seq_len = calib
+    layered_need = 0  # set by layered(), for the error when neither mode fits
 
     def layered() -> Mode:
         base = layerwise_peak(sizes, 0, seq_len, dtype, in_host, runtime=runtime)
@@ -227,6 +228,8 @@ def choose_mode(
             eval_samples=eval_samples,
             runtime=runtime,
         )
+        nonlocal layered_need
+        layered_need = need.total
         line = check(model, need, have)
         how = "activations spilled to disk" if spill else "activations in memory"
         return Mode(True, f"{line}; layer by layer, {how}", budget)
@@ -241,7 +244,10 @@ def choose_mode(
         try:
             mode = layered()
         except JobError:
-            raise refused from None
+            # Both figures, so the operator sees how far even one layer at a time is.
+            raise JobError(
+                f"{refused}; layer by layer it needs about {gib(layered_need)}"
+            ) from None
         return Mode(
             True,
             f"the whole model needs about {gib(whole.total)}, more than this worker may use:"

@@ -157,8 +157,9 @@ def test_layerwise_when_only_it_fits() -> None:
 def test_not_switched_for_another_recipe_or_when_nothing_fits() -> None:
     with pytest.raises(JobError, match="does not fit"):
         choose(56, can_switch=False)
-    with pytest.raises(JobError, match="does not fit"):
+    with pytest.raises(JobError, match="does not fit") as err:
         choose(1)
+    assert "layer by layer it needs about" in str(err.value)
 
 
 def test_requested_layerwise_even_when_the_whole_model_fits() -> None:

@@ -10,14 +10,20 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
-from nvfp4_admin.loadgen import LoadGenerator, RequestStats, chunk_text, stream_request
+from nvfp4_admin.loadgen import (
+    LoadGenerator,
+    RequestStats,
+    chunk_text,
+    sse_lines,
+    stream_request,
+)
 
 DELAY_S = 0.2
 
@@ -148,3 +154,21 @@ def test_load_generator_level_runs_every_request(server: str) -> None:
     assert all(r.ttft_s >= DELAY_S and r.tokens == 7 for r in stats.requests)
     summary = stats.summary()
     assert summary["tokens"] == 21 and summary["ttft_p50_ms"] >= DELAY_S * 1000
+
+
+def test_sse_lines_split_at_line_feeds_only() -> None:
+    """A token with U+2028, U+0085 or \\x1e sits raw in a data: line's JSON; splitting
+    there (as httpx's aiter_lines does) cuts the JSON mid-string."""
+    event = json.dumps({"choices": [{"text": "a\u2028b\x85c\x1ed"}]}, ensure_ascii=False)
+    stream = f"data: {event}\r\n\r\ndata: [DONE]\n\n"
+
+    async def chunks() -> AsyncIterator[str]:
+        for k in range(0, len(stream), 7):  # cut anywhere, as the network does
+            yield stream[k : k + 7]
+
+    async def collect() -> list[str]:
+        return [line async for line in sse_lines(chunks())]
+
+    lines = asyncio.run(collect())
+    assert lines == [f"data: {event}", "", "data: [DONE]", ""]
+    assert json.loads(lines[0][6:])["choices"][0]["text"] == "a\u2028b\x85c\x1ed"
