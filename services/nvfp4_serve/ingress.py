@@ -22,7 +22,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from ray import serve
 from ray.serve.llm.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,7 +38,7 @@ from nvfp4_serve.errors import (
     validation_error_body,
 )
 from nvfp4_serve.health import Readiness, ReplicaCount
-from nvfp4_serve.ray_hooks import IngressHooks
+from nvfp4_serve.ray_hooks import IngressHooks, serve_details
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +156,17 @@ class NVFP4Ingress(IngressHooks):
 
     async def _engine_replicas(self) -> tuple[int, int]:
         """(running, total) replicas of the probed model's engine deployment."""
-        # serve.status() blocks on the controller; keep it off the event loop.
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications[self._engine.app_name]
-        deployment = app.deployments[self._engine.deployment_name]
-        states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items()}
-        return states.get("RUNNING", 0), sum(states.values())
+        # The controller call blocks; keep it off the event loop.
+        details = await asyncio.to_thread(serve_details)
+        try:
+            app = details["applications"][self._engine.app_name]
+            replicas = app["deployments"][self._engine.deployment_name]["replicas"]
+            states = [str(getattr(r["state"], "value", r["state"])) for r in replicas]
+        except (KeyError, TypeError) as e:
+            # This app's own deployment is always listed: a missing key is a Ray whose
+            # details changed shape, which Readiness stops on instead of retrying.
+            raise AttributeError(f"Serve's details have no {e} where expected") from None
+        return states.count("RUNNING"), len(states)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         problem = beam_search_problem(body)

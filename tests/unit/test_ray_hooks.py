@@ -21,6 +21,8 @@ HOOK_NAMES = {
     "_default_serve_handles",
     "_batch_output_stream",
     "_get_batch_interval_ms",
+    "_get_global_client",
+    "get_serve_details",
 }
 
 # Runs in .venv-serve: Ray Serve LLM cannot be imported in .venv.
@@ -85,8 +87,8 @@ def test_every_hook_exists_in_the_installed_ray_with_the_expected_signature() ->
     lines = [x for x in proc.stdout.splitlines() if x.startswith("HOOKS ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[0][len("HOOKS ") :])
-    assert set(out["names"]) == HOOK_NAMES and len(out["names"]) == 5
-    assert out["problems"] == [None] * 4
+    assert set(out["names"]) == HOOK_NAMES and len(out["names"]) == 7
+    assert out["problems"] == [None] * 6
     assert out["instance_problems"] == [None]
     assert out["engine_handles_ok"] is True
     assert out["overridden"] == [True, True, True]
