@@ -130,10 +130,11 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
         assert target is not None and chosen is not None and base is not None
         if not chosen.meets:
             reference = base.reference
-            assert reference is not None
 
             def measure(kept: tuple[str, ...], precision: str) -> search.Candidate:
                 started = time.monotonic()
+                if reference is None:  # no held-out text: judged on its size alone
+                    return candidate(kept, precision, evaluate.Measurement(None), started)
                 what = f"measuring {len(kept)} layers in {precision.upper()}"
                 m = run.measure(kept, precision, reference, on_layer(Stage.EVALUATING, what))
                 return candidate(kept, precision, m, started)
