@@ -42,7 +42,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -225,15 +225,6 @@ class _Scope(torch.nn.Module):
                     parent.add_module(part, torch.nn.Module())
                 parent = getattr(parent, part)
             parent.add_module(leaf, module)
-
-
-@dataclass
-class LayerwiseResult:
-    quant_config: dict[str, Any]
-    layers: int
-    spilled: bool
-    activation_bytes: int
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _materialize(
@@ -501,10 +492,10 @@ class LayerwiseRun:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.mo = _modelopt_export()
-        self.cfg, self.export_dir, self.device, self.dtype = cfg, export_dir, device, dtype
+        self.cfg, self.export_dir, self.device = cfg, export_dir, device
         self.timings: dict[str, float] = {}
         self.source = SourceTensors(source_dir, model_name)
-        self.source_dir, self.model_name = source_dir, model_name
+        self.source_dir = source_dir
         config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -562,16 +553,18 @@ class LayerwiseRun:
     def n_layers(self) -> int:
         return len(self.layers)
 
-    def embed(self, batches: list[torch.Tensor], generation: str) -> Activations:
-        """The token batches through the embedding table: the first layer's inputs."""
+    def embed(self, streams: dict[str, list[torch.Tensor]]) -> dict[str, Activations]:
+        """Each stream's token batches through the embedding table (read once for all):
+        the first layer's inputs, by stream name."""
         embed = self.inner.embed_tokens
         _materialize(embed, "model.embed_tokens.", self.source, self.device, "model.embed_tokens")
-        hidden = Activations(self.spill_dir, f"{generation}0")
+        out = {name: Activations(self.spill_dir, f"{name}0") for name in streams}
         with torch.no_grad():
-            for batch in batches:
-                hidden.append(embed(batch.to(self.device)))
+            for name, batches in streams.items():
+                for batch in batches:
+                    out[name].append(embed(batch.to(self.device)))
         _release(embed)
-        return hidden
+        return out
 
     def calibrate(
         self,
@@ -584,10 +577,9 @@ class LayerwiseRun:
         """The first pass. Without `export` (a search follows) it keeps each layer's
         quantizer ranges and returns each layer's sensitivity (see `_sensitivity`)."""
         t = time.monotonic()
-        hidden = self.embed(batches, "c")
-        streams = None
-        if held_out:
-            streams = Streams(held_out, self.embed(held_out, "q"), self.embed(held_out, "b"))
+        embedded = self.embed({"c": batches, "q": held_out or [], "b": held_out or []})
+        hidden = embedded["c"]
+        streams = Streams(held_out, embedded["q"], embedded["b"]) if held_out else None
         self.streams = streams
         self.timings["prepare"] = round(time.monotonic() - t, 3)
         t = time.monotonic()
@@ -645,7 +637,7 @@ class LayerwiseRun:
         """A candidate (`kept` layers in `precision`, the rest as calibrated) on the held-out
         windows: one pass over the layers."""
         assert self.streams is not None
-        quant = self.embed(self.streams.windows, "q")
+        quant = self.embed({"q": self.streams.windows})["q"]
         for i in range(self.n_layers):
             with self._candidate_layer(i, kept, precision, reset=True) as layer:
                 quant = self._run(layer, i, quant, f"q{i + 1}")
@@ -802,51 +794,6 @@ def _quantizer_state(
         for k, v in layer.state_dict().items()
         if prefix + k not in source.file_of
     }
-
-
-def quantize_layerwise(
-    source_dir: Path,
-    model_name: str,
-    calib: torch.Tensor,
-    cfg: dict[str, Any],
-    export_dir: Path,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    batches: list[torch.Tensor],
-    activation_budget: int | None = None,
-    on_layer: Callable[[int, int], None] | None = None,
-) -> LayerwiseResult:
-    """Quantize the model in `source_dir` one decoder layer at a time into `export_dir`.
-
-    Args:
-        calib: the calibration windows (samples x seq_len token ids).
-        cfg: the ModelOpt quantization config (quantize.build_config).
-        batches: `calib` cut into the calibration batches (calibration.batches), in the
-            order the whole-model job runs them.
-        activation_budget: bytes of host memory the calibration activations (inputs and
-            outputs of one layer) may take; above it they are spilled to files under
-            export_dir/.spill. None: always in memory.
-        on_layer: called with (layers done, layers) after each layer; it may raise (a
-            cancelled job) and the caller removes export_dir.
-
-    Returns:
-        The hf_quant_config.json content and what the run did.
-    """
-    run = LayerwiseRun(
-        source_dir,
-        model_name,
-        cfg,
-        export_dir,
-        device=device,
-        dtype=dtype,
-        calib_shape=(calib.shape[0], calib.shape[1]),
-        held_out_shape=None,
-        activation_budget=activation_budget,
-    )
-    run.calibrate(batches, on_layer=on_layer)
-    quant_config = run.finish()
-    return LayerwiseResult(quant_config, run.n_layers, run.spill, run.activation_bytes, run.timings)
 
 
 def stream_bytes(

@@ -4,43 +4,27 @@ the same checkpoint (tests/integration/test_layerwise.py checks the same on CPU)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .support import needs_cuda
+from devkit.models import quantize_nvfp4
+
+from .support import needs_cuda, report
 
 pytestmark = needs_cuda
 
 
 def run_job(model: Path, calib: Path, models_dir: Path, name: str, **fields: Any) -> dict[str, Any]:
-    from nvfp4_common.jobs import JobSpec
-    from nvfp4_common.settings import Settings
-    from nvfp4_worker.pipeline import run
-    from nvfp4_worker.reporter import PrintReporter
-
-    settings = Settings(
-        models_dir=models_dir,
-        model_roots=[model.parent],
-        device="cuda",
-        hf_offline=True,
-        _env_file=None,
-    )
-    spec = JobSpec(
-        model=str(model),
-        calib_dataset=str(calib),
-        calib_samples=8,
-        calib_seq_len=256,
-        eval_samples=4,
-        output_name=name,
+    """A job on the GPU with 4 held-out windows; its report, with its path as `_path`."""
+    path = quantize_nvfp4(
+        model, calib, models_dir, name, device="cuda", calib_seq_len=256, eval_samples=4,
         **fields,
-    )
-    result = run(spec, settings, PrintReporter(), job_id=f"gpu-{name}")
-    report: dict[str, Any] = json.loads((Path(result.output_path) / "report.json").read_text())
-    report["_path"] = result.output_path
-    return report
+    )  # fmt: skip
+    rep = report(path)
+    rep["_path"] = str(path)
+    return rep
 
 
 def test_layerwise_quality_and_search_match_the_whole_model(

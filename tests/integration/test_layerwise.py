@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,26 +138,32 @@ def test_spilled_activations_give_the_same_checkpoint(
 
 
 def run_direct(
-    workspace: dict[str, Path], out: Path, model: Path | None = None, **kwargs: object
-) -> layerwise.LayerwiseResult:
+    workspace: dict[str, Path],
+    out: Path,
+    activation_budget: int | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> None:
+    """The layer-by-layer run alone (no job around it) into `out`."""
     from transformers import AutoTokenizer
 
     cpu_ops.install()
-    model = model or workspace["tiny"]
+    model = workspace["tiny"]
     settings = make_settings(workspace, out.parent / "models-direct")
     calib = sources.resolve_calibration(str(workspace["calib"]), settings)
     windows = calibration.build_windows(AutoTokenizer.from_pretrained(model), calib, 8, 0, 128)
-    return layerwise.quantize_layerwise(
+    run = layerwise.LayerwiseRun(
         model,
         str(model),
-        windows.calib,
         quantize.build_config(QuantFormat.NVFP4, []),
         out,
         device=torch.device("cpu"),
         dtype=torch.float32,
-        batches=calibration.batches(windows.calib, 128),
-        **kwargs,  # type: ignore[arg-type]
+        calib_shape=(8, 128),
+        held_out_shape=None,
+        activation_budget=activation_budget,
     )
+    run.calibrate(calibration.batches(windows.calib, 128), on_layer=on_layer)
+    run.finish()
 
 
 @pytest.mark.slow
