@@ -235,7 +235,9 @@ def run_ours(
     except Exception as exc:  # recorded, then the next server still runs
         result["errors"][label] = f"{type(exc).__name__}: {str(exc)[-2500:]}"
         logs = cluster.logs_text("*.log") if cluster.temp_dir else ""
-        tail = [x for x in logs.splitlines() if "Error" in x or "error" in x][-30:]
+        # HAProxy says why it exited on an [ALERT] line after the error's first line.
+        keep = ("Error", "error", "ALERT")
+        tail = [x for x in logs.splitlines() if any(k in x for k in keep)][-30:]
         result["errors"][label + "_log"] = "\n".join(tail)[-4000:]
         print(result["errors"], flush=True)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -42,6 +43,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def haproxy_maxconn() -> int:
+    """The most connections HAProxy can hold within this process's open-file limit.
+
+    HAProxy 2.8 needs about 2.5 descriptors a connection plus 36, and exits at start when
+    it cannot raise its limit that far ("Cannot raise FD limit"). Ray 2.58 asks for
+    maxconn 20000 (50,036 descriptors), more than many containers' hard limit; Ray 2.60
+    asks for 4096."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    room = 20000 if hard == resource.RLIM_INFINITY else int((hard - 36) / 2.5)
+    return max(256, min(20000, room))
 
 
 @dataclass
@@ -103,6 +116,7 @@ class ServeCluster:
                     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(self.ports["haproxy_metrics"]),
                     "RAY_SERVE_HAPROXY_STATS_PORT": str(self.ports["haproxy_stats"]),
+                    "RAY_SERVE_HAPROXY_MAXCONN": str(haproxy_maxconn()),
                 }
             )
         env.update(self.env)

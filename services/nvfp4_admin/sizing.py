@@ -23,6 +23,8 @@ from nvfp4_common.sizing import (
     CheckpointEstimate,
     PeakMemory,
     estimate_checkpoint,
+    gpu_need,
+    gpu_placement,
     kv_bytes_per_value,
     layer_sizes,
     layerwise_peak,
@@ -190,7 +192,15 @@ DEFAULT_EVAL_SAMPLES = 32
 # Machines `estimate` always answers for: (name, memory in GB as sold, GB left to the
 # rest of the system). A Spark's 128 GB are shared with the CPU and the OS; an 80 GB
 # card's memory is the GPU's own.
-MACHINES = (("DGX Spark 128 GB", 128.0, 10.0), ("80 GB GPU", 80.0, 0.0))
+# (name, GB of memory, GB left to the system, discrete cards). A Spark's GPU computes out
+# of its 128 GB of host memory; a card's job holds the model in the card's own memory and
+# may spread it over several (nvfp4_common.sizing.gpu_placement).
+MACHINES = (
+    ("DGX Spark 128 GB", 128.0, 10.0, 0),
+    ("80 GB GPU", 80.0, 0.0, 1),
+    ("2 x 80 GB GPUs", 80.0, 0.0, 2),
+    ("4 x 80 GB GPUs", 80.0, 0.0, 4),
+)
 
 
 @dataclass
@@ -294,20 +304,29 @@ class MachineFit:
 
 def machine_fits(shape: Shape, calib: tuple[int, int] = DEFAULT_CALIB) -> list[MachineFit]:
     """Whether each machine of MACHINES can quantize a model of `shape`, whole and layer
-    by layer, by the worker's rules (BF16 compute; on the card the weights and one batch
-    of activations are GPU memory, the rest of the activations host memory or disk)."""
+    by layer, by the worker's rules (BF16 compute). On a card the whole model must fit its
+    memory, spread over the machine's cards when one does not hold it; layer by layer the
+    card holds a layer and one batch of activations, the rest of the activations being
+    host memory or disk, and one card's memory is the figure compared."""
     params = sum(math.prod(s) for _, s in shape.tensors())
-    whole = whole_model_peak(params, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True).total / GIB
+    sizes = layer_sizes(shape.tensors())
     out = []
-    for name, memory_gb, reserve_gb in MACHINES:
+    for name, memory_gb, reserve_gb, cards in MACHINES:
         room = (memory_gb - reserve_gb) * 1e9 / GIB
         layered, _ = layerwise_fit(shape, room, calib)
+        if cards:
+            budgets = gpu_placement(sizes, [int(room * GIB)] * cards)
+            whole = gpu_need(sizes.bf16_bytes, len(budgets) if budgets else cards) / GIB
+            fits = budgets is not None
+        else:
+            peak = whole_model_peak(params, ESTIMATE_COMPUTE_DTYPE, weights_in_host=True)
+            whole, fits = peak.total / GIB, peak.total / GIB <= room
         out.append(
             MachineFit(
                 name,
-                room,
+                room * max(1, cards),
                 whole,
-                whole <= room,
+                fits,
                 layered.total / GIB,
                 layered.total / GIB <= room,
             )

@@ -268,6 +268,12 @@ class LayerSizes:
     embedding_params: int  # model.embed_tokens: materialized once to embed the text
     head_bf16_bytes: int  # embeddings, final norm and lm_head, written together in BF16
     hidden: int
+    layers: int = 0  # decoder layers (model.layers.N)
+
+    @property
+    def bf16_bytes(self) -> int:
+        """The whole model in BF16, every layer counted as the largest."""
+        return self.layers * KEPT_BYTES_PER_PARAM * self.largest_layer_params + self.head_bf16_bytes
 
 
 def layer_sizes(tensors: Iterable[tuple[str, Sequence[int]]]) -> LayerSizes:
@@ -283,7 +289,7 @@ def layer_sizes(tensors: Iterable[tuple[str, Sequence[int]]]) -> LayerSizes:
             head += KEPT_BYTES_PER_PARAM * numel
             if name == "model.embed_tokens.weight" and len(shape) == 2:
                 embedding, hidden = numel, int(shape[1])
-    return LayerSizes(max(layers.values(), default=0), embedding, head, hidden)
+    return LayerSizes(max(layers.values(), default=0), embedding, head, hidden, len(layers))
 
 
 def activation_bytes(samples: int, seq_len: int, hidden: int, compute_dtype: str) -> int:
@@ -341,3 +347,58 @@ def layerwise_peak(
     # 0.6 bytes a parameter in NVFP4) are written.
     writing = max(sizes.head_bf16_bytes, int(2.6 * sizes.largest_layer_params))
     return PeakMemory("layerwise", weights, acts + max(writing, logits), runtime, compute_dtype)
+
+
+# -- the whole model on discrete cards ---------------------------------------------------
+
+# What a card holds of a whole-model job per byte of BF16 weights placed on it: the weights
+# and half again (export's quantized copies, a batch of activations), as whole_model_peak
+# counts them. Measured: an 8B model, B = 15.3 GiB, peaked at 22.2 GiB on an H200 (1.45 B).
+GPU_BYTES_PER_WEIGHT_BYTE = 1.5
+# Per card, beyond what torch counts: the CUDA context and the allocator's slack.
+GPU_RESERVE_BYTES = GIB
+
+
+def gpu_need(weight_bytes: int, cards: int = 1) -> int:
+    """GPU memory a whole-model job needs for `weight_bytes` of BF16 weights on `cards`."""
+    return int(GPU_BYTES_PER_WEIGHT_BYTE * weight_bytes) + cards * GPU_RESERVE_BYTES
+
+
+def gpu_placement(sizes: LayerSizes, free: Sequence[int]) -> list[int] | None:
+    """The BF16 weight bytes each discrete card may take when the whole model is quantized
+    on the cards whose free memory is `free` (bytes, in device order), one entry per card
+    used; None when they cannot hold it. One card when the model fits the first;
+    otherwise the cards of gpu_assignment, each with all the room it has (the worker
+    passes these to accelerate as max_memory)."""
+    capacity = [max(0, int((f - GPU_RESERVE_BYTES) / GPU_BYTES_PER_WEIGHT_BYTE)) for f in free]
+    if not capacity:
+        return None
+    if sizes.bf16_bytes + KEPT_BYTES_PER_PARAM * sizes.embedding_params <= capacity[0]:
+        return [capacity[0]]  # the embeddings counted twice: a tied lm_head is not in bf16_bytes
+    cards = gpu_assignment(sizes, capacity)
+    return None if cards is None else capacity[: max(cards) + 1]
+
+
+def gpu_assignment(sizes: LayerSizes, capacity: Sequence[int]) -> list[int] | None:
+    """The card of each part of the model, in order (the embeddings, each decoder layer,
+    the head: final norm and lm_head), as accelerate's "sequential" placement makes it
+    within `capacity` (BF16 weight bytes a card may hold): each part, none split, on the
+    first card with room left; the first card keeps room for the largest part, as
+    accelerate does for it. Every layer is counted as the largest one. None when the
+    parts do not fit."""
+    embedding = KEPT_BYTES_PER_PARAM * sizes.embedding_params
+    layer = KEPT_BYTES_PER_PARAM * sizes.largest_layer_params
+    tail = max(0, sizes.head_bf16_bytes - embedding)  # final norm and an untied lm_head
+    parts = [embedding, *[layer] * sizes.layers, tail]
+    room = list(capacity)
+    if room:
+        room[0] = max(0, room[0] - max(parts))
+    cards, card = [], 0
+    for part in parts:
+        while card < len(room) and part > room[card]:
+            card += 1
+        if card == len(room):
+            return None
+        room[card] -= part
+        cards.append(card)
+    return cards

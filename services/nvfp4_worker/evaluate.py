@@ -90,7 +90,7 @@ def score(
         ids = ids.to(device)
         logprobs = torch.log_softmax(batch_logits[:, :-1].float(), dim=-1)
         del batch_logits
-        targets = ids[:, 1:]
+        targets = ids[:, 1:].to(logprobs.device)  # the last card's, when spread over several
         total_nll -= float(logprobs.gather(-1, targets[..., None]).sum())
         total_tokens += targets.numel()
         if new_ref is not None:
@@ -198,9 +198,10 @@ def peak_rss_bytes() -> int:
 
 
 def peak_gpu_bytes(device: torch.device) -> int | None:
+    """The highest peak of any card (a model spread over several has one on each)."""
     if device.type != "cuda":
         return None
-    return int(torch.cuda.max_memory_allocated(device))
+    return max(int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count()))
 
 
 def summary(errors: dict[str, float]) -> dict[str, Any]:

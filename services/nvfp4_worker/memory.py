@@ -22,6 +22,7 @@ Everything here reads files passed as paths, so tests can give their own.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from nvfp4_common.sizing import (
     PeakMemory,
     activation_bytes,
     gib,
+    gpu_need,
+    gpu_placement,
     layerwise_peak,
     whole_model_peak,
 )
@@ -75,6 +78,15 @@ def weights_in_host_memory(device: torch.device) -> bool:
     # The name as well: doctor.py and nvidia-smi know GB10 by name, whatever the driver
     # reports as "integrated".
     return bool(getattr(props, "is_integrated", False)) or "GB10" in props.name
+
+
+def gpu_free(device: torch.device) -> list[int]:
+    """Free memory of each visible discrete card, in device order; none for a CPU or a
+    card that shares host memory (the host check covers those). CUDA_VISIBLE_DEVICES
+    picks the cards a worker may use."""
+    if device.type != "cuda" or weights_in_host_memory(device):
+        return []
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
 
 
 def estimate(
@@ -188,6 +200,24 @@ class Mode:
     layerwise: bool
     note: str
     activation_budget: int | None = None
+    # Whole model on discrete cards: the BF16 weight bytes each card takes (accelerate's
+    # max_memory), one entry per card used; empty on a CPU, a Spark, or layer by layer.
+    gpu_budgets: tuple[int, ...] = ()
+
+
+def _on_cards(model: str, sizes: LayerSizes, free: Sequence[int]) -> tuple[int, ...]:
+    """The cards' shares of the whole model (gpu_placement), or JobError if they are too
+    small; () where there are no discrete cards."""
+    if not free:
+        return ()
+    budgets = gpu_placement(sizes, free)
+    if budgets is not None:
+        return tuple(budgets)
+    raise JobError(
+        f"model {model} does not fit in GPU memory: the whole model needs about"
+        f" {gib(gpu_need(sizes.bf16_bytes))} (BF16 weights x 1.5 + 1 GiB a card), the"
+        f" {len(free)} GPU{'s' if len(free) > 1 else ''} have {gib(sum(free))} free"
+    )
 
 
 def choose_mode(
@@ -203,10 +233,14 @@ def choose_mode(
     can_switch: bool = True,
     eval_samples: int = 0,
     runtime: int = RUNTIME_BYTES,
+    gpus: Sequence[int] = (),
 ) -> Mode:
     """The job's mode: layer by layer when asked (`requested`), or when the whole model
     does not fit but one layer at a time does (unless `can_switch` is False: a recipe
-    that layer-by-layer mode does not run). JobError when neither fits."""
+    that layer-by-layer mode does not run). JobError when neither fits.
+
+    `gpus` is the free memory of each discrete card (gpu_free): the whole model must fit
+    the host and those cards, spread over several when one does not hold it."""
     dtype = str(compute_dtype).removeprefix("torch.")
     samples, seq_len = calib
     layered_need = 0  # set by layered(), for the error when neither mode fits
@@ -234,13 +268,9 @@ def choose_mode(
         how = "activations spilled to disk" if spill else "activations in memory"
         return Mode(True, f"{line}; layer by layer, {how}", budget)
 
-    if requested:
-        return layered()
-    try:
-        return Mode(False, check(model, whole, have))
-    except JobError as refused:
+    def switch(refused: JobError, why: str) -> Mode:
         if not can_switch:
-            raise
+            raise refused
         try:
             mode = layered()
         except JobError:
@@ -248,9 +278,25 @@ def choose_mode(
             raise JobError(
                 f"{refused}; layer by layer it needs about {gib(layered_need)}"
             ) from None
-        return Mode(
-            True,
-            f"the whole model needs about {gib(whole.total)}, more than this worker may use:"
-            f" quantizing layer by layer ({mode.note})",
-            mode.activation_budget,
+        return Mode(True, f"{why}: quantizing layer by layer ({mode.note})", mode.activation_budget)
+
+    if requested:
+        return layered()
+    try:
+        line = check(model, whole, have)
+    except JobError as refused:
+        return switch(
+            refused,
+            f"the whole model needs about {gib(whole.total)}, more than this worker may use",
         )
+    try:
+        budgets = _on_cards(model, sizes, gpus)
+    except JobError as refused:
+        return switch(
+            refused,
+            f"the whole model needs about {gib(gpu_need(sizes.bf16_bytes))} of GPU memory,"
+            f" more than the GPUs have free ({gib(sum(gpus))})",
+        )
+    if len(budgets) > 1:
+        line += f"; the whole model spread over {len(budgets)} GPUs"
+    return Mode(False, line, gpu_budgets=budgets)

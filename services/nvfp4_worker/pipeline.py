@@ -67,6 +67,7 @@ class _Plan:
     memory_note: str = ""  # the memory check's numbers, for the job's log
     layerwise: bool = False  # one decoder layer at a time (layerwise_job.py)
     activation_budget: int | None = None  # bytes of activations kept in memory, layerwise
+    gpu_budgets: tuple[int, ...] = ()  # whole model: weight bytes of each card (memory.Mode)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -179,7 +180,8 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         dtype = getattr(torch, settings.cpu_dtype)
     else:
         dtype = torch.bfloat16
-        torch.cuda.reset_peak_memory_stats(device)
+        for card in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(card)
     source_dtype = checkpoint.weights_dtype(source.path)
     # Refused here, before any weights are read: a job that outgrows the container's
     # memory would be OOM-killed and re-queued until its attempts run out.
@@ -202,6 +204,7 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
             can_switch=spec.recipe in (None, DEFAULT_RECIPE),
             eval_samples=spec.eval_samples,
             runtime=memory.layerwise_runtime(memory.rss_bytes()),
+            gpus=memory.gpu_free(device),
         )
         if settings.worker_memory_preflight
         else memory.Mode(
@@ -223,6 +226,7 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         mode.note,
         layerwise=mode.layerwise,
         activation_budget=mode.activation_budget,
+        gpu_budgets=mode.gpu_budgets,
     )
 
 
@@ -237,14 +241,22 @@ def _load(plan: _Plan) -> tuple[Any, torch.nn.Module]:
         tokenizer = AutoTokenizer.from_pretrained(plan.source.path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
         raise JobError(f"model {plan.spec.model}: tokenizer cannot be loaded ({exc})") from None
+    # A model spread over several cards is placed by accelerate within each card's share,
+    # and its hooks move activations from card to card; inputs go to the first card.
+    spread: dict[str, Any] = (
+        {"device_map": "sequential", "max_memory": dict(enumerate(plan.gpu_budgets))}
+        if len(plan.gpu_budgets) > 1
+        else {}
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            plan.source.path, dtype=plan.dtype, trust_remote_code=False
+            plan.source.path, dtype=plan.dtype, trust_remote_code=False, **spread
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise JobError(f"model {plan.spec.model}: weights cannot be loaded ({first})") from None
-    model = model.to(plan.device)  # type: ignore[arg-type]  # transformers' stub wants a dtype
+    if not spread:
+        model = model.to(plan.device)  # type: ignore[arg-type]  # the stub wants a dtype
     return tokenizer, model.eval()
 
 
@@ -497,6 +509,7 @@ def _size_and_memory(
         "memory": {
             "peak_rss_bytes": evaluate.peak_rss_bytes(),
             "peak_gpu_bytes": evaluate.peak_gpu_bytes(plan.device),
+            "gpus": len(plan.gpu_budgets) or (1 if plan.device.type == "cuda" else 0),
         },
     }
 

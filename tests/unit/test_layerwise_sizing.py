@@ -13,7 +13,13 @@ from click.testing import CliRunner
 
 from nvfp4_admin.cli import cli
 from nvfp4_admin.sizing import GIB, Shape, machine_fits
-from nvfp4_common.sizing import layer_sizes, layerwise_peak, whole_model_peak
+from nvfp4_common.sizing import (
+    gpu_assignment,
+    gpu_placement,
+    layer_sizes,
+    layerwise_peak,
+    whole_model_peak,
+)
 from nvfp4_worker import memory
 from nvfp4_worker.errors import JobError
 
@@ -95,18 +101,24 @@ def test_held_out_streams_count_towards_spilling() -> None:
 
 
 @pytest.mark.parametrize(
-    ("config", "spark_whole", "card_whole"),
-    [(LLAMA_33_70B, False, False), (QWEN3_32B, True, False)],
+    ("config", "expected"),
+    [
+        # whole model on: a Spark, one 80 GB card, two, four
+        (LLAMA_33_70B, [False, False, False, True]),
+        (QWEN3_32B, [True, False, True, True]),
+    ],
 )
-def test_which_machines_can_quantize(
-    config: dict[str, object], spark_whole: bool, card_whole: bool
-) -> None:
-    spark, card = machine_fits(Shape.from_config(config))
-    assert spark.machine.startswith("DGX Spark") and card.machine.startswith("80 GB")
-    assert (spark.whole_model_fits, card.whole_model_fits) == (spark_whole, card_whole)
-    # Layer by layer both machines quantize both models, with room to spare.
-    assert spark.layerwise_fits and card.layerwise_fits
-    assert spark.layerwise_gib < 45 and card.layerwise_gib < 45
+def test_which_machines_can_quantize(config: dict[str, object], expected: list[bool]) -> None:
+    machines = machine_fits(Shape.from_config(config))
+    assert [m.machine for m in machines] == [
+        "DGX Spark 128 GB",
+        "80 GB GPU",
+        "2 x 80 GB GPUs",
+        "4 x 80 GB GPUs",
+    ]
+    assert [m.whole_model_fits for m in machines] == expected
+    # Layer by layer every machine quantizes both models, with room to spare.
+    assert all(m.layerwise_fits and m.layerwise_gib < 45 for m in machines)
 
 
 def test_estimate_reports_both_peaks(tmp_path: Path) -> None:
@@ -119,7 +131,7 @@ def test_estimate_reports_both_peaks(tmp_path: Path) -> None:
     assert "DGX Spark 128 GB" in out.output and "80 GB GPU" in out.output
     data = json.loads(CliRunner().invoke(cli, ["estimate", str(path), "--json"]).output)
     assert not data["fit"]["quantize_fits"] and data["fit"]["layerwise_fits"]
-    assert [m["layerwise_fits"] for m in data["machines"]] == [True, True]
+    assert [m["layerwise_fits"] for m in data["machines"]] == [True] * 4
 
 
 # -- the worker's choice -----------------------------------------------------------------
@@ -171,3 +183,99 @@ def test_estimate_counts_the_default_held_out_windows() -> None:
     from nvfp4_common.jobs import JobSpec
 
     assert JobSpec.model_fields["eval_samples"].default == DEFAULT_EVAL_SAMPLES
+
+
+# -- the whole model on discrete cards ----------------------------------------------------
+
+H100 = int(79.2 * GIB)  # what an idle 80 GB card reports free
+
+
+def test_gpu_placement_uses_one_card_when_it_holds_the_model() -> None:
+    qwen3_8b = layer_sizes(
+        Shape.from_config(
+            {
+                **QWEN3_32B,
+                "hidden_size": 4096,
+                "num_hidden_layers": 36,
+                "intermediate_size": 12288,
+                "num_attention_heads": 32,
+            }
+        ).tensors()
+    )
+    assert gpu_placement(qwen3_8b, [H100, H100]) == [int((H100 - GIB) / 1.5)]
+
+
+def test_gpu_placement_spreads_over_as_few_cards_as_hold_the_model() -> None:
+    assert gpu_placement(SIZES, [H100]) is None  # 32B: 61 GiB of BF16 weights x 1.5
+    budgets = gpu_placement(SIZES, [H100] * 4)
+    assert budgets is not None and len(budgets) == 2
+    # Each card gets all the room it has; the first keeps room for the largest part (the
+    # embeddings) beyond the model's share, as accelerate does.
+    assert budgets[0] == budgets[1] == int((H100 - GIB) / 1.5)
+    cards = gpu_assignment(SIZES, budgets)
+    assert cards is not None and cards[0] == 0 and cards[-1] == 1
+    assert sum(budgets) - 2 * SIZES.embedding_params >= SIZES.bf16_bytes
+    seventy = layer_sizes(Shape.from_config(LLAMA_33_70B).tensors())
+    assert gpu_placement(seventy, [H100] * 2) is None
+    spread = gpu_placement(seventy, [H100] * 4)
+    assert spread is not None and len(spread) == 3
+
+
+def test_gpu_placement_agrees_with_accelerate() -> None:
+    """accelerate's own "sequential" placement of a real (meta-device) model, given the
+    budgets, puts each part on the card the rule planned for it; given one card less, it
+    runs out of cards: the rule and the loader agree on what fits, and where."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import infer_auto_device_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen3",
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=4096,
+        tie_word_embeddings=False,
+    )
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    sizes = layer_sizes((n, p.shape) for n, p in model.named_parameters())
+    assert sizes.layers == 12
+    # Cards with room for about five layers' worth each (at 1.5x plus the reserve).
+    card = GIB + int(1.5 * 5 * 2 * sizes.largest_layer_params)
+    budgets = gpu_placement(sizes, [card] * 8)
+    assert budgets is not None and 2 < len(budgets) < 8
+    planned = gpu_assignment(sizes, budgets)
+    assert planned is not None
+
+    def placed(max_memory: dict[int, int]) -> dict[str, object]:
+        return dict(
+            infer_auto_device_map(
+                model,
+                max_memory={**max_memory, "cpu": 0},
+                no_split_module_classes=model._no_split_modules,
+                dtype=torch.bfloat16,
+            )
+        )
+
+    device_map = placed(dict(enumerate(budgets)))
+    assert device_map["model.embed_tokens"] == planned[0]
+    assert [device_map[f"model.layers.{i}"] for i in range(12)] == planned[1:-1]
+    assert device_map["lm_head"] == planned[-1]
+    short = placed(dict(enumerate(budgets[:-1])))
+    assert not set(short.values()) <= set(range(len(budgets)))
+
+
+def test_whole_model_on_cards_or_layer_by_layer() -> None:
+    roomy = 500  # GiB of host memory: only the cards limit
+    one = choose(roomy, gpus=[H100])
+    assert one.layerwise and "of GPU memory" in one.note
+    two = choose(roomy, gpus=[H100, H100])
+    assert not two.layerwise and len(two.gpu_budgets) == 2
+    assert "spread over 2 GPUs" in two.note
+    assert choose(roomy).gpu_budgets == ()  # a CPU or a Spark: no cards
+    with pytest.raises(JobError, match="does not fit in GPU memory"):
+        choose(roomy, gpus=[H100], can_switch=False)
