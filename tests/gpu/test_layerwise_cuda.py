@@ -62,3 +62,21 @@ def tensors(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_a_model_the_card_cannot_hold_goes_layer_by_layer(
+    small_bf16: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card's free memory read as less than the whole model needs (memory.gpu_free is
+    the one thing replaced): the job chooses layer-by-layer mode by itself and says why."""
+    from nvfp4_common.sizing import GPU_RESERVE_BYTES
+    from nvfp4_worker import checkpoint, memory
+
+    model, calib = small_bf16
+    sizes = checkpoint.layer_sizes(model)
+    monkeypatch.setattr(
+        memory, "gpu_free", lambda device: [GPU_RESERVE_BYTES + sizes.bf16_bytes // 2]
+    )
+    rep = run_job(model, calib, tmp_path, "card-too-small")
+    assert rep["mode"] == "layerwise"
+    assert rep["memory"]["peak_gpu_bytes"] < sizes.bf16_bytes
