@@ -186,11 +186,11 @@ def check(model: str, need: PeakMemory, have: Room) -> str:
     )
 
 
-def activation_budget(base: PeakMemory, have: Room) -> int | None:
+def activation_budget(base: int, have: Room) -> int | None:
     """Bytes the calibration activations of a layer-by-layer job may keep in memory: what
     is usable beyond `base`, the job's need without them (None: no limit known)."""
     usable = have.usable
-    return None if usable is None else max(0, usable - base.total)
+    return None if usable is None else max(0, usable - base)
 
 
 @dataclass(frozen=True)
@@ -246,12 +246,13 @@ def choose_mode(
     layered_need = 0  # set by layered(), for the error when neither mode fits
 
     def layered() -> Mode:
-        base = layerwise_peak(sizes, 0, seq_len, dtype, in_host, runtime=runtime)
-        budget = activation_budget(base, have)
-        streams = 2 * samples + 4 * eval_samples
-        spill = (
-            budget is not None and activation_bytes(streams, seq_len, sizes.hidden, dtype) > budget
+        in_memory = layerwise_peak(
+            sizes, samples, seq_len, dtype, in_host, eval_samples=eval_samples, runtime=runtime
         )
+        # Everything but the activations (the held-out logits included) stays in memory.
+        acts = activation_bytes(2 * samples + 4 * eval_samples, seq_len, sizes.hidden, dtype)
+        budget = activation_budget(in_memory.total - acts, have)
+        spill = budget is not None and acts > budget
         need = layerwise_peak(
             sizes,
             samples,

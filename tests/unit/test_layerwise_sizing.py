@@ -279,3 +279,18 @@ def test_whole_model_on_cards_or_layer_by_layer() -> None:
     assert choose(roomy).gpu_budgets == ()  # a CPU or a Spark: no cards
     with pytest.raises(JobError, match="does not fit in GPU memory"):
         choose(roomy, gpus=[H100], can_switch=False)
+
+
+def test_activations_spill_when_the_held_out_logits_leave_no_room() -> None:
+    """Long held-out windows: their float32 logits (9.3 GiB at 8,192 tokens) count before
+    the activations are given what is left, so a limit just below the in-memory need
+    spills them instead of keeping them and outgrowing the limit."""
+    in_memory = layerwise_peak(SIZES, 16, 8192, "bfloat16", weights_in_host=True, eval_samples=8)
+    room = memory.Room(in_memory.total - GIB, None)
+    mode = memory.choose_mode(
+        "m", WHOLE, SIZES, (16, 8192), torch.bfloat16, True, room,
+        requested=True, eval_samples=8,
+    )  # fmt: skip
+    assert "activations spilled to disk" in mode.note
+    acts = (2 * 16 + 4 * 8) * 8192 * 5120 * 2
+    assert mode.activation_budget is not None and mode.activation_budget < acts
