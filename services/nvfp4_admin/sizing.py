@@ -23,6 +23,7 @@ from nvfp4_common.sizing import (
     CheckpointEstimate,
     PeakMemory,
     estimate_checkpoint,
+    expert_count,
     gpu_need,
     gpu_placement,
     kv_bytes_per_value,
@@ -93,7 +94,7 @@ class Shape:
 
         hidden = need("hidden_size", "n_embd", "d_model")
         heads = need("num_attention_heads", "n_head")
-        experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        experts = expert_count(cfg)
         tied = cfg.get("tie_word_embeddings")
         return cls(
             model_type=model_type,

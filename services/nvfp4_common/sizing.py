@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 GIB = 2**30
 
@@ -34,6 +35,18 @@ GIB = 2**30
 def gib(n: float) -> str:
     """Bytes as GiB for a message: 1.50 GiB."""
     return f"{n / GIB:.2f} GiB"
+
+
+# -- the model's config -------------------------------------------------------------------
+
+# Where configs give the number of routed experts of an MoE layer: Qwen2/3-MoE, Mixtral and
+# gpt-oss, DeepSeek.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def expert_count(config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer from a (text) config's fields; 0 for a dense model."""
+    return next((int(config[k]) for k in EXPERT_COUNT_KEYS if config.get(k)), 0)
 
 
 # -- formats -----------------------------------------------------------------------------

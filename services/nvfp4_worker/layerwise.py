@@ -30,7 +30,10 @@ ModelOpt's private export helpers used here were checked against nvidia-modelopt
 are all imported in `_modelopt_export`, the one place to look when ModelOpt changes.
 
 Supported: Llama/Qwen/Mistral-style decoders (model.embed_tokens, model.layers.N,
-model.norm, lm_head), tied embeddings included. Not yet: MoE layers, several GPUs.
+model.norm, lm_head), tied embeddings included. Not MoE models: their checkpoints store
+each expert's weights apart, which transformers fuses when it loads the whole model,
+while a layer here is read under its checkpoint names; pipeline.py refuses them in this
+mode and never switches them to it. With several GPUs a layer runs on the first one.
 """
 
 from __future__ import annotations

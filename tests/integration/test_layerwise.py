@@ -458,3 +458,29 @@ def test_size_only_target_layer_by_layer_without_held_out_text(
     job = spec(workspace["tiny"], workspace["calib"], "tiny", target=tiny, layerwise=True)
     with pytest.raises(JobError, match="no candidate keeps the target"):
         pipeline.run(job, settings, PrintReporter(), "j-t")
+
+
+def test_moe_model_is_refused_layer_by_layer_and_not_switched(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layer-by-layer mode reads dense layers only: an MoE model asked for it fails in one
+    line, and one that does not fit whole fails as it did before layer-by-layer mode
+    instead of being switched to it."""
+    from devkit.models import make_tiny_qwen3_moe
+    from nvfp4_worker import memory
+
+    moe = make_tiny_qwen3_moe(workspace["src"] / "tiny-moe", workspace["tiny"])
+    settings = make_settings(workspace, tmp_path / "models")
+    with pytest.raises(JobError) as err:
+        pipeline.run(
+            spec(moe, workspace["calib"], "x", layerwise=True), settings, PrintReporter(), "j-e"
+        )
+    message = str(err.value)
+    assert "\n" not in message and "mixture of experts" in message, message
+    assert_failed_cleanly(settings)
+
+    monkeypatch.setattr(memory, "room", lambda **_: memory.Room(2**30, None))
+    with pytest.raises(JobError, match="does not fit in memory") as err:
+        pipeline.run(spec(moe, workspace["calib"], "x"), settings, PrintReporter(), "j-f")
+    assert "layer by layer" not in str(err.value)
+    assert_failed_cleanly(settings)
