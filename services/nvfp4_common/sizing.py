@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -282,6 +283,9 @@ class LayerSizes:
     head_bf16_bytes: int  # embeddings, final norm and lm_head, written together in BF16
     hidden: int
     layers: int = 0  # decoder layers (model.layers.N)
+    # MoE experts stored one by one (model.layers.N.mlp.experts.E.*), which a layer read on
+    # its own fuses into one tensor per projection, as transformers does: a second copy.
+    experts_apart: bool = False
 
     @property
     def bf16_bytes(self) -> int:
@@ -289,20 +293,27 @@ class LayerSizes:
         return self.layers * KEPT_BYTES_PER_PARAM * self.largest_layer_params + self.head_bf16_bytes
 
 
+_EXPERT_APART = re.compile(r"\.experts\.\d+\.")
+
+
 def layer_sizes(tensors: Iterable[tuple[str, Sequence[int]]]) -> LayerSizes:
     """LayerSizes from (name, shape) of every tensor (safetensors headers or a config)."""
     layers: dict[str, int] = {}
     embedding = head = hidden = 0
+    experts_apart = False
     for name, shape in tensors:
         numel = math.prod(shape)
         if name.startswith("model.layers."):
             index = name.split(".")[2]
             layers[index] = layers.get(index, 0) + numel
+            experts_apart = experts_apart or _EXPERT_APART.search(name) is not None
         else:
             head += KEPT_BYTES_PER_PARAM * numel
             if name == "model.embed_tokens.weight" and len(shape) == 2:
                 embedding, hidden = numel, int(shape[1])
-    return LayerSizes(max(layers.values(), default=0), embedding, head, hidden, len(layers))
+    return LayerSizes(
+        max(layers.values(), default=0), embedding, head, hidden, len(layers), experts_apart
+    )
 
 
 def activation_bytes(samples: int, seq_len: int, hidden: int, compute_dtype: str) -> int:
@@ -333,7 +344,8 @@ def layerwise_peak(
                float32 (2 x seq_len x vocab x 4 bytes), made at the end of each pass
              + the largest shard being written (embeddings, norm and lm_head in BF16,
                or one layer read in BF16 and written quantized: about 2.6 bytes per
-               parameter, whichever is larger)
+               parameter, or 4 where MoE experts stored apart are read and then fused
+               into one copy; whichever is larger)
              + 2 GiB (torch, ModelOpt, the CUDA context, tokenizer, calibration text), or
                in the worker, what its process holds at the preflight plus a margin
                (`runtime`, nvfp4_worker.memory.layerwise_runtime), if that is less
@@ -358,7 +370,9 @@ def layerwise_peak(
     logits = 2 * calib_seq_len * vocab * 4 if eval_samples else 0
     # A layer is read in BF16 (2 bytes a parameter) while its quantized tensors (about
     # 0.6 bytes a parameter in NVFP4) are written.
-    writing = max(sizes.head_bf16_bytes, int(2.6 * sizes.largest_layer_params))
+    # MoE experts stored apart are read (2 bytes) and fused into a copy (2 more) first.
+    per_param = 4.0 if sizes.experts_apart else 2.6
+    writing = max(sizes.head_bf16_bytes, int(per_param * sizes.largest_layer_params))
     return PeakMemory("layerwise", weights, acts + max(writing, logits), runtime, compute_dtype)
 
 

@@ -30,10 +30,11 @@ ModelOpt's private export helpers used here were checked against nvidia-modelopt
 are all imported in `_modelopt_export`, the one place to look when ModelOpt changes.
 
 Supported: Llama/Qwen/Mistral-style decoders (model.embed_tokens, model.layers.N,
-model.norm, lm_head), tied embeddings included. Not MoE models: their checkpoints store
-each expert's weights apart, which transformers fuses when it loads the whole model,
-while a layer here is read under its checkpoint names; pipeline.py refuses them in this
-mode and never switches them to it. With several GPUs a layer runs on the first one.
+model.norm, lm_head), tied embeddings included, and their MoE variants: an MoE
+checkpoint stores each expert's weights apart, which transformers fuses into one tensor
+per projection when it loads a model; a layer read here is converted the same way
+(conversion.py), and ModelOpt's export writes the experts apart again. With several GPUs
+a layer runs on the first one.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from typing import Any, cast
 
 import torch
 
-from nvfp4_worker import evaluate
+from nvfp4_worker import conversion, evaluate
 from nvfp4_worker.errors import JobError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -99,14 +100,15 @@ def _modelopt_export() -> Any:
 
 class SourceTensors:
     """Which shard holds which tensor (the index json, else every shard's header), and
-    reading a chosen few of them."""
+    reading a chosen few of them, named and shaped as the model has them (`names`: an
+    MoE layer's experts, stored one by one, are one tensor per projection there)."""
 
-    def __init__(self, folder: Path, model: str) -> None:
+    def __init__(self, folder: Path, model: str, names: conversion.Names) -> None:
         from safetensors import safe_open
 
-        self.folder, self.model = folder, model
-        self.file_of: dict[str, str] = {}
-        self.shapes: dict[str, list[int]] = {}
+        self.folder, self.model, self.names = folder, model, names
+        self.file_of: dict[str, str] = {}  # the checkpoint's names
+        stored: dict[str, list[int]] = {}
         index = folder / INDEX_FILE
         if index.exists():
             try:
@@ -126,16 +128,27 @@ class SourceTensors:
                 with safe_open(str(path), framework="pt") as handle:
                     for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                         self.file_of[key] = name
-                        self.shapes[key] = list(handle.get_slice(key).get_shape())
+                        stored[key] = list(handle.get_slice(key).get_shape())
             except Exception as exc:  # safetensors raises its own error type
                 raise JobError(
                     f"model {model}: weights shard {name} cannot be read: {exc}"
                 ) from None
+        # The model's names: each with the checkpoint tensors it is made of, and its shape.
+        self.parts: dict[str, list[str]] = {}
+        for key in stored:
+            self.parts.setdefault(names.target(key), []).append(key)
+        self.shapes = names.shapes(stored)
 
     def keys(self, prefix: str) -> list[str]:
-        return [k for k in self.file_of if k.startswith(prefix)]
+        return [k for k in self.shapes if k.startswith(prefix)]
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The model's tensors `keys`, read from the shards and converted."""
+        stored = self._read([part for key in keys for part in self.parts[key]])
+        converted = self.names.convert(stored)
+        return {key: converted[key] for key in keys}
+
+    def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
@@ -335,14 +348,35 @@ def _export_tensors(
         quantization_format=fmt,
     )
     ctx = mo.ExportContext(model=scope, dtype=torch.bfloat16, is_modelopt_qlora=False)
-    for name, sub in list(scope.named_modules()):
-        mo.dispatch(name, sub, ctx)
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in scope.state_dict().items():
-        new_key, value = mo.postprocess_tensor(key, tensor, 448, kv_format, False)
-        if new_key is not None and value is not None:
-            out[new_key] = value.detach().to("cpu").contiguous()
+    with _modules_kept(scope):
+        for name, sub in list(scope.named_modules()):
+            mo.dispatch(name, sub, ctx)
+        for key, tensor in scope.state_dict().items():
+            new_key, value = mo.postprocess_tensor(key, tensor, 448, kv_format, False)
+            if new_key is not None and value is not None:
+                out[new_key] = value.detach().to("cpu").contiguous()
     return out
+
+
+@contextlib.contextmanager
+def _modules_kept(root: torch.nn.Module) -> Iterator[None]:
+    """Put every module's children and parameters back after ModelOpt's export handlers.
+
+    Some handlers rebuild a module for writing: fused MoE experts become one child per
+    expert, their quantizers gone. The whole-model export reads hf_quant_config's layers
+    before its handlers run; here the skeleton is read after all layers are written, so
+    each layer is put back as calibration left it (else the experts read as unquantized
+    and the config would exclude them)."""
+    saved = [(m, dict(m._modules), dict(m._parameters)) for m in root.modules()]
+    try:
+        yield
+    finally:
+        for module, children, params in saved:
+            module._modules.clear()
+            module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(params)
 
 
 class _LayerCalls:
@@ -497,11 +531,11 @@ class LayerwiseRun:
         self.mo = _modelopt_export()
         self.cfg, self.export_dir, self.device = cfg, export_dir, device
         self.timings: dict[str, float] = {}
-        self.source = SourceTensors(source_dir, model_name)
         self.source_dir = source_dir
         config = AutoConfig.from_pretrained(source_dir, trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.source = SourceTensors(source_dir, model_name, conversion.Names(model))
         inner = getattr(model, "model", None)
         if (
             inner is None
@@ -683,7 +717,7 @@ class LayerwiseRun:
         _quantize_scope_without_data(head, self.cfg)
         inner.embed_tokens = head.get_submodule("model.embed_tokens")
         model.lm_head = head.get_submodule("lm_head")
-        keys = [k for k in source.file_of if k.startswith(HEAD_PREFIXES)]
+        keys = [k for k in source.shapes if k.startswith(HEAD_PREFIXES)]
         keys = [k for k in keys if any(k.startswith(n + ".") for n in head_names)]
         head_tensors = {k: v.to(torch.bfloat16) for k, v in source.read(keys).items()}
         self._save(head_tensors, SHARD_NAME.format(1, self.n_layers + 1))
@@ -795,7 +829,7 @@ def _quantizer_state(
     return {
         k: v.detach().to("cpu", copy=True)
         for k, v in layer.state_dict().items()
-        if prefix + k not in source.file_of
+        if prefix + k not in source.shapes
     }
 
 

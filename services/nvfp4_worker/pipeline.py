@@ -190,14 +190,7 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
     )
     # A model that does not fit whole is quantized layer by layer (layerwise.py), if that
     # fits; a job with another recipe than the default (layer-by-layer mode runs max
-    # calibration only) or an MoE model (its experts are not read layer by layer yet) is
-    # not switched.
-    moe = checkpoint.is_moe(info.config)
-    if spec.layerwise and moe:
-        raise JobError(
-            f"model {spec.model} is a mixture of experts, which layer-by-layer mode does not"
-            " quantize yet; submit it without --layerwise"
-        )
+    # calibration only) is not switched.
     mode = (
         memory.choose_mode(
             spec.model,
@@ -208,7 +201,7 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
             memory.weights_in_host_memory(device),
             memory.room(cap=_gib_bytes(settings.worker_memory_limit_gb)),
             requested=spec.layerwise,
-            can_switch=spec.recipe in (None, DEFAULT_RECIPE) and not moe,
+            can_switch=spec.recipe in (None, DEFAULT_RECIPE),
             eval_samples=spec.eval_samples,
             runtime=memory.layerwise_runtime(memory.rss_bytes()),
             gpus=memory.gpu_free(device),

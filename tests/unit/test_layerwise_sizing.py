@@ -294,3 +294,24 @@ def test_activations_spill_when_the_held_out_logits_leave_no_room() -> None:
     assert "activations spilled to disk" in mode.note
     acts = (2 * 16 + 4 * 8) * 8192 * 5120 * 2
     assert mode.activation_budget is not None and mode.activation_budget < acts
+
+
+def test_moe_layers_count_the_fused_copy() -> None:
+    """Experts stored one by one are read and fused into one tensor per projection (a
+    second copy) before the layer is quantized: 4 bytes a parameter, not 2.6."""
+    qwen3_30b_a3b = {
+        **QWEN3_32B,
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 2048,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+    }
+    sizes = layer_sizes(Shape.from_config(qwen3_30b_a3b).tensors())
+    assert sizes.experts_apart and not SIZES.experts_apart
+    peak = layerwise_peak(sizes, 0, 2048, "bfloat16", weights_in_host=True)
+    assert peak.working == 4 * sizes.largest_layer_params
