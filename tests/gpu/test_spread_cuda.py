@@ -16,8 +16,7 @@ import pytest
 
 from devkit.models import quantize_nvfp4
 
-from .support import needs_cuda, report
-from .test_layerwise_cuda import tensors
+from .support import assert_nearly_same_checkpoint, needs_cuda, report
 
 torch = pytest.importorskip("torch")
 
@@ -58,10 +57,4 @@ def test_whole_model_spread_over_two_cards_matches_one(
     ev1, ev2 = one["evaluation"], two["evaluation"]
     assert ev2["perplexity_base"] == pytest.approx(ev1["perplexity_base"], rel=1e-3)
     assert ev2["kl"] == pytest.approx(ev1["kl"], rel=0.05)
-    a, b = tensors(Path(one["_path"])), tensors(Path(two["_path"]))
-    assert sorted(a) == sorted(b)
-    for key, x in a.items():
-        y = b[key]
-        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
-        same = (x.reshape(-1).view(torch.uint8) == y.reshape(-1).view(torch.uint8)).float()
-        assert same.mean() > 0.999, key
+    assert_nearly_same_checkpoint(Path(one["_path"]), Path(two["_path"]))

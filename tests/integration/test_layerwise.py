@@ -466,9 +466,7 @@ def test_moe_layerwise_equals_whole_model(workspace: dict[str, Path], tmp_path: 
     them apart again. Layer by layer, the same conversion is applied to one layer's
     tensors (nvfp4_worker.conversion): the checkpoint and the held-out figures are the
     whole-model job's, and hf_quant_config.json excludes only the routers, as there."""
-    from devkit.models import make_tiny_qwen3_moe
-
-    moe = make_tiny_qwen3_moe(workspace["src"] / "tiny-moe", workspace["tiny"])
+    moe = models.make_tiny_qwen3(workspace["src"] / "tiny-moe", experts=4)
     settings = make_settings(workspace, tmp_path / "models")
     calib = workspace["calib"]
     whole = pipeline.run(spec(moe, calib, "whole", eval_samples=2), settings, PrintReporter(), "w")
