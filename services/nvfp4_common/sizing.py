@@ -400,8 +400,8 @@ def gpu_placement(sizes: LayerSizes, free: Sequence[int]) -> list[int] | None:
     capacity = [max(0, int((f - GPU_RESERVE_BYTES) / GPU_BYTES_PER_WEIGHT_BYTE)) for f in free]
     if not capacity:
         return None
-    if sizes.bf16_bytes + KEPT_BYTES_PER_PARAM * sizes.embedding_params <= capacity[0]:
-        return [capacity[0]]  # the embeddings counted twice: a tied lm_head is not in bf16_bytes
+    if sizes.bf16_bytes <= capacity[0]:
+        return [capacity[0]]
     cards = gpu_assignment(sizes, capacity)
     return None if cards is None else capacity[: max(cards) + 1]
 

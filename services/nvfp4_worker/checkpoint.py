@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nvfp4_common.jobs import QuantFormat
-from nvfp4_common.sizing import LayerSizes, estimate_checkpoint, expert_count
+from nvfp4_common.sizing import LayerSizes, estimate_checkpoint
 from nvfp4_common.sizing import layer_sizes as _layer_sizes
 from nvfp4_worker.errors import JobError
 
@@ -65,12 +65,6 @@ def inspect_config(path: Path, name: str) -> SourceInfo:
     max_positions = getattr(text_config, "max_position_embeddings", None)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return SourceInfo(config, model_type, max_positions, size)
-
-
-def is_moe(config: Any) -> bool:
-    """Whether the model's decoder layers route tokens to experts (a transformers config)."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return expert_count(text_config.to_dict()) > 0
 
 
 def _raw_model_type(path: Path) -> str | None:
