@@ -39,6 +39,20 @@ def quantize(source: Path, calib: Path, models_dir: Path, device: str, name: str
     )
 
 
+def cuda_job(
+    model: Path, calib: Path, models_dir: Path, name: str, **fields: Any
+) -> dict[str, Any]:
+    """A job on the GPU with 4 held-out windows (`fields`: more JobSpec fields); its
+    report, with the published checkpoint's path as `_path`."""
+    path = quantize_nvfp4(
+        model, calib, models_dir, name, device="cuda", calib_seq_len=256, eval_samples=4,
+        **fields,
+    )  # fmt: skip
+    rep = report(path)
+    rep["_path"] = str(path)
+    return rep
+
+
 def report(checkpoint: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((checkpoint / "report.json").read_text())
     return data

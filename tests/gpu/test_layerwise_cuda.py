@@ -5,26 +5,12 @@ the same checkpoint (tests/integration/test_layerwise.py checks the same on CPU)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from devkit.models import quantize_nvfp4
-
-from .support import assert_nearly_same_checkpoint, needs_cuda, report
+from .support import assert_nearly_same_checkpoint, cuda_job, needs_cuda
 
 pytestmark = needs_cuda
-
-
-def run_job(model: Path, calib: Path, models_dir: Path, name: str, **fields: Any) -> dict[str, Any]:
-    """A job on the GPU with 4 held-out windows; its report, with its path as `_path`."""
-    path = quantize_nvfp4(
-        model, calib, models_dir, name, device="cuda", calib_seq_len=256, eval_samples=4,
-        **fields,
-    )  # fmt: skip
-    rep = report(path)
-    rep["_path"] = str(path)
-    return rep
 
 
 def test_layerwise_quality_and_search_match_the_whole_model(
@@ -32,16 +18,16 @@ def test_layerwise_quality_and_search_match_the_whole_model(
 ) -> None:
 
     model, calib = small_bf16
-    plain = run_job(model, calib, tmp_path, "lw-plain", layerwise=True)
-    whole = run_job(model, calib, tmp_path, "whole-plain")
+    plain = cuda_job(model, calib, tmp_path, "lw-plain", layerwise=True)
+    whole = cuda_job(model, calib, tmp_path, "whole-plain")
     assert plain["mode"] == "layerwise" and plain["device"] == "cuda"
     ev, wev = plain["evaluation"], whole["evaluation"]
     assert ev["perplexity_base"] == pytest.approx(wev["perplexity_base"], rel=1e-3)
     assert ev["kl"] == pytest.approx(wev["kl"], rel=0.05)
     # A KL target the every-layer candidate misses: both searches keep layers.
     target = {"max_kl": wev["kl"] * 0.6}
-    w = run_job(model, calib, tmp_path, "whole-target", target=target)
-    lw = run_job(model, calib, tmp_path, "lw-target", target=target, layerwise=True)
+    w = cuda_job(model, calib, tmp_path, "whole-target", target=target)
+    lw = cuda_job(model, calib, tmp_path, "lw-target", target=target, layerwise=True)
     assert lw["kept_layers"] and lw["kept_as"] == w["kept_as"]
     assert lw["evaluation"]["kl"] <= target["max_kl"]
     if lw["kept_layers"] == w["kept_layers"]:
@@ -61,7 +47,7 @@ def test_a_model_the_card_cannot_hold_goes_layer_by_layer(
     monkeypatch.setattr(
         memory, "gpu_free", lambda device: [GPU_RESERVE_BYTES + sizes.bf16_bytes // 2]
     )
-    rep = run_job(model, calib, tmp_path, "card-too-small")
+    rep = cuda_job(model, calib, tmp_path, "card-too-small")
     assert rep["mode"] == "layerwise"
     assert rep["memory"]["peak_gpu_bytes"] < sizes.bf16_bytes
 
@@ -76,8 +62,8 @@ def test_moe_layerwise_matches_the_whole_model(
 
     model, calib = small_bf16
     moe = make_tiny_qwen3(model.parent / "tiny-moe", experts=4)
-    whole = run_job(moe, calib, tmp_path, "moe-whole")
-    layered = run_job(moe, calib, tmp_path, "moe-lw", layerwise=True)
+    whole = cuda_job(moe, calib, tmp_path, "moe-whole")
+    layered = cuda_job(moe, calib, tmp_path, "moe-lw", layerwise=True)
     assert layered["mode"] == "layerwise"
     ev, wev = layered["evaluation"], whole["evaluation"]
     assert ev["perplexity_base"] == pytest.approx(wev["perplexity_base"], rel=1e-3)

@@ -10,13 +10,10 @@ against accelerate's on every machine: tests/unit/test_layerwise_sizing.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from devkit.models import quantize_nvfp4
-
-from .support import assert_nearly_same_checkpoint, needs_cuda, report
+from .support import assert_nearly_same_checkpoint, cuda_job, needs_cuda
 
 torch = pytest.importorskip("torch")
 
@@ -26,15 +23,6 @@ pytestmark = [
 ]
 
 
-def run_job(model: Path, calib: Path, models_dir: Path, name: str) -> dict[str, Any]:
-    path = quantize_nvfp4(
-        model, calib, models_dir, name, device="cuda", calib_seq_len=256, eval_samples=4
-    )
-    rep = report(path)
-    rep["_path"] = str(path)
-    return rep
-
-
 def test_whole_model_spread_over_two_cards_matches_one(
     small_bf16: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -42,7 +30,7 @@ def test_whole_model_spread_over_two_cards_matches_one(
     from nvfp4_worker import checkpoint, memory
 
     model, calib = small_bf16
-    one = run_job(model, calib, tmp_path, "one-card")
+    one = cuda_job(model, calib, tmp_path, "one-card")
     assert one["memory"]["gpus"] == 1
 
     sizes = checkpoint.layer_sizes(model)
@@ -51,7 +39,7 @@ def test_whole_model_spread_over_two_cards_matches_one(
     first = GPU_RESERVE_BYTES + int(1.5 * (largest + embedding + 2 * sizes.largest_layer_params))
     real = memory.gpu_free
     monkeypatch.setattr(memory, "gpu_free", lambda device: [first, *real(device)[1:]])
-    two = run_job(model, calib, tmp_path, "two-cards")
+    two = cuda_job(model, calib, tmp_path, "two-cards")
     assert two["memory"]["gpus"] == 2
 
     ev1, ev2 = one["evaluation"], two["evaluation"]
