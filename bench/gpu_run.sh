@@ -12,7 +12,7 @@
 #   bench/gpu_run.sh tests      # pytest tests/gpu (needs redis: carry .whl/ with its wheel)
 #   bench/gpu_run.sh serve      # 8B-shaped BF16 model; our endpoint at concurrency 1 16 64 128
 #   bench/gpu_run.sh plain      # plain vLLM OpenAI server at the same levels (the baseline)
-#   bench/gpu_run.sh variant direct-ingress|mode-off|NAME=KEY=VALUE,...  # one more
+#   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|NAME=KEY=VALUE,...  # one more
 #                               # configuration of ours (Ray env KEY, else a build_app arg)
 #   bench/gpu_run.sh search [plain layerwise search published]   # a plain job, a layer-by-
 #                               # layer one, one whose target forces the full search (default:
@@ -22,7 +22,8 @@
 # GPU_CONCURRENCY="1 16 64" sets the levels; PROFILE_S=20 also records every serving process
 # with py-spy for 20 s at 64 streams after each server's levels (bench/devkit/pyspy.py).
 # "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS, throughput-
-# optimized Ray Serve); the variants are direct ingress on and the mode off (Ray's defaults).
+# optimized Ray Serve); the variants are direct ingress on, the mode off (Ray's defaults) and
+# the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC.
 # Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,8 +111,9 @@ variant)
     case "${2:-}" in
     direct-ingress) spec="direct-ingress=RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
     mode-off) spec="mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
+    proxy-actor) spec="proxy-actor=RAY_SERVE_PROXY_USE_GRPC=0" ;;
     *=*) spec=$2 ;;  # NAME=KEY=VALUE,... (gpu_serve.py --variant)
-    *) echo "variant: direct-ingress, mode-off or NAME=KEY=VALUE,..."; exit 2 ;;
+    *) echo "variant: direct-ingress, mode-off, proxy-actor or NAME=KEY=VALUE,..."; exit 2 ;;
     esac
     serve_bench --append --skip-ours --skip-plain --variant "$spec"
     ;;

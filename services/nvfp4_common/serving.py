@@ -35,9 +35,13 @@ OWNED_ENGINE_ARGS = ("model", "max_model_len", "gpu_memory_utilization", "tensor
 # Its direct ingress is turned back off: it runs Serve's HTTP proxy on the head node only
 # and serves the ingress from replica ports 30000+, so a Ray worker pod would have nothing
 # on port 8000 (the chart's serve Service and /readyz probe). Turn the mode off with "0".
+# The mode's gRPC does not reach the proxy -> ingress hop (Ray derives the proxy's flag
+# before the mode applies), which otherwise passes every streamed chunk through the object
+# store by reference; the proxy's own flag turns it on.
 RAY_ENV_DEFAULTS: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
 }
 
 

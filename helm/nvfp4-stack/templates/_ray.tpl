@@ -31,6 +31,8 @@ env:
     value: {{ ternary "1" "0" $ctx.Values.ray.throughputOptimized | quote }}
   - name: RAY_SERVE_ENABLE_DIRECT_INGRESS
     value: "0"
+  - name: RAY_SERVE_PROXY_USE_GRPC
+    value: "1"
   {{- with $ctx.Values.ray.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
