@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
@@ -32,6 +32,8 @@ from nvfp4_common.recipes import QualityTarget
 # A decoder layer of a Hugging Face causal LM: model.layers.12, transformer.h.3, ...
 _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks)\.\d+)\.")
 _QUANTIZERS = ("weight_quantizer", "input_quantizer", "output_quantizer")
+# ModelOpt's fused MoE experts: `<proj>_weight_quantizers`, a ModuleList with one per expert
+_EXPERT_QUANTIZERS = "_weight_quantizers"
 
 
 # The precisions a layer can be kept in, cheapest first.
@@ -97,21 +99,18 @@ class NoModel:
 
 
 class Layers:
-    """The quantized linear modules of each decoder layer, and keeping them in higher
-    precision (in place, reversibly)."""
+    """The quantized weights of each decoder layer, and keeping them in higher precision
+    (in place, reversibly): linear modules, and the fused experts of an MoE layer (one
+    weight quantizer per expert, one input quantizer per projection)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.units: dict[str, list[torch.nn.Module]] = {}
+        self.units: dict[str, list[_Part]] = {}
         for name, module in model.named_modules():
             match = _LAYER.match(name + ".")
-            if match is None or match.group(1) == name:
-                continue
-            weight_q = getattr(module, "weight_quantizer", None)
-            if hasattr(module, "weight") and getattr(weight_q, "is_enabled", False):
-                self.units.setdefault(match.group(1), []).append(module)
-        # module -> its calibrated quantizers, and (made on first use) their FP8 twins
-        self._own = {m: _quantizers(m) for ms in self.units.values() for m in ms}
-        self._fp8: dict[torch.nn.Module, dict[str, Any] | None] = {}
+            if match is not None and match.group(1) != name:
+                self.units.setdefault(match.group(1), []).extend(_parts(module))
+        self.units = {unit: parts for unit, parts in self.units.items() if parts}
+        self._fp8: dict[_Part, dict[_Slot, Any] | None] = {}  # made on first use
         self.kept: set[str] = set()
         self.kept_as = "bf16"
 
@@ -120,41 +119,87 @@ class Layers:
         if precision not in KEEP_PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}")
         want = set(kept)
-        for unit, modules in self.units.items():
-            for module in modules:
-                own = self._own[module]
+        for unit, parts in self.units.items():
+            for part in parts:
                 mode = precision if unit in want else "own"
-                twins = self._fp8_twins(module) if mode == "fp8" else None
+                twins = self._fp8_twins(part) if mode == "fp8" else None
                 if mode == "fp8" and twins is None:
                     mode = "bf16"  # no calibrated input range to give FP8: keep it in BF16
-                chosen = twins or own
-                for attr, q in chosen.items():
-                    setattr(module, attr, q)
-                for q in own.values():
-                    q.disable() if mode == "bf16" else q.enable()
+                for slot, own in part.own.items():
+                    slot.put((twins or {}).get(slot, own))
+                    own.disable() if mode == "bf16" else own.enable()
         self.kept, self.kept_as = want, precision
 
-    def _fp8_twins(self, module: torch.nn.Module) -> dict[str, Any] | None:
-        """FP8 quantizers for the module, or None when its input never saw calibration
-        data (an MoE expert no calibration token was routed to)."""
-        if module not in self._fp8:
-            own = self._own[module]
-            amax = own["input_quantizer"].amax if "input_quantizer" in own else None
-            if "input_quantizer" in own and amax is None:
-                self._fp8[module] = None
-                return None
-            weight = cast(torch.Tensor, module.weight)
-            twins = {"weight_quantizer": _fp8_quantizer(weight.detach().abs().amax())}
-            if amax is not None:
-                twins["input_quantizer"] = _fp8_quantizer(amax.detach().float().amax())
-            self._fp8[module] = twins
-        return self._fp8[module]
+    def _fp8_twins(self, part: _Part) -> dict[_Slot, Any] | None:
+        """FP8 quantizers for the part, or None when its input never saw calibration data
+        (an MoE expert no calibration token was routed to)."""
+        if part not in self._fp8:
+            amaxes = {slot: part.own[slot].amax for slot in part.inputs}
+            twins: dict[_Slot, Any] | None = None
+            if all(a is not None for a in amaxes.values()):
+                twins = {s: _fp8_quantizer(a.detach().float().amax()) for s, a in amaxes.items()}
+                for slot, weight in part.weights.items():
+                    twins[slot] = _fp8_quantizer(weight.detach().abs().amax())
+            self._fp8[part] = twins
+        return self._fp8[part]
 
 
-def _quantizers(module: torch.nn.Module) -> dict[str, Any]:
-    """The module's enabled quantizers, by attribute name."""
-    found = {attr: getattr(module, attr, None) for attr in _QUANTIZERS}
-    return {a: q for a, q in found.items() if q is not None and getattr(q, "is_enabled", False)}
+@dataclass(frozen=True)
+class _Slot:
+    """Where a quantizer lives: an attribute of a module, or an item of a ModuleList."""
+
+    holder: torch.nn.Module
+    key: str | int
+
+    def get(self) -> Any:
+        if isinstance(self.key, int):
+            return cast(torch.nn.ModuleList, self.holder)[self.key]
+        return getattr(self.holder, self.key, None)
+
+    def put(self, quantizer: Any) -> None:
+        if isinstance(self.key, int):
+            cast(torch.nn.ModuleList, self.holder)[self.key] = quantizer
+        else:
+            setattr(self.holder, self.key, quantizer)
+
+
+@dataclass(eq=False)
+class _Part:
+    """One projection's calibrated quantizers (enabled ones only), and the weights that
+    its weight quantizers quantize."""
+
+    own: dict[_Slot, Any]
+    weights: dict[_Slot, torch.Tensor]
+    inputs: list[_Slot]
+
+
+def _parts(module: torch.nn.Module) -> list[_Part]:
+    """The quantized projections of `module`: itself when it is a quantized linear module,
+    each fused projection of ModelOpt's fused-experts wrapper (`gate_up_proj` with its
+    `gate_up_proj_weight_quantizers`, one per expert, and `gate_up_proj_input_quantizer`)."""
+    parts = []
+    if isinstance(getattr(module, "weight", None), torch.Tensor):
+        slots = {_Slot(module, a): None for a in _QUANTIZERS}
+        weights = {_Slot(module, "weight_quantizer"): cast(torch.Tensor, module.weight)}
+        parts.append(_part(slots, weights, [_Slot(module, "input_quantizer")]))
+    for attr, child in module.named_children():
+        proj = attr.removesuffix(_EXPERT_QUANTIZERS)
+        weight = getattr(module, proj, None)
+        if proj == attr or not isinstance(weight, torch.Tensor):
+            continue
+        weights = {_Slot(child, i): weight[i] for i in range(len(cast(Sized, child)))}
+        inputs = [_Slot(module, f"{proj}_input_quantizer")]
+        parts.append(_part(dict.fromkeys([*weights, *inputs]), weights, inputs))
+    return [p for p in parts if any(s in p.own for s in p.weights)]
+
+
+def _part(
+    slots: dict[_Slot, None], weights: dict[_Slot, torch.Tensor], inputs: list[_Slot]
+) -> _Part:
+    """The part, with only the quantizers calibration left enabled."""
+    own = {s: q for s in slots if getattr(q := s.get(), "is_enabled", False)}
+    enabled = {s: w for s, w in weights.items() if s in own}
+    return _Part(own, enabled, [s for s in inputs if s in own])
 
 
 def _fp8_quantizer(amax: torch.Tensor) -> Any:

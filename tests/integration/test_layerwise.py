@@ -488,3 +488,35 @@ def test_moe_layerwise_equals_whole_model(workspace: dict[str, Path], tmp_path: 
     ev_l = json.loads((lw / "report.json").read_text())["evaluation"]
     assert ev_l["perplexity_base"] == pytest.approx(ev_w["perplexity_base"], rel=1e-5)
     assert ev_l["kl"] == pytest.approx(ev_w["kl"], rel=1e-3)
+
+
+def test_moe_quality_search_keeps_experts_and_matches_the_whole_model(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """A KL target on the tiny Qwen3-MoE: both searches keep the same layers in FP8,
+    experts included (ModelOpt's fused-experts quantizers, not only the attention), and
+    write the same MIXED_PRECISION checkpoint."""
+    moe = models.make_tiny_qwen3(workspace["src"] / "tiny-moe-search", experts=4)
+    settings = make_settings(workspace, tmp_path / "models")
+    calib = workspace["calib"]
+    plain = pipeline.run(
+        spec(moe, calib, "plain", eval_samples=4, layerwise=True), settings, PrintReporter(), "p"
+    )
+    kl = json.loads((Path(plain.output_path) / "report.json").read_text())["evaluation"]["kl"]
+    job = {"eval_samples": 4, "recipe": "nvfp4", "target": {"max_kl": kl * 0.6}}
+    whole = pipeline.run(spec(moe, calib, "whole", **job), settings, PrintReporter(), "w")
+    layered = pipeline.run(
+        spec(moe, calib, "layered", layerwise=True, **job), settings, PrintReporter(), "l"
+    )
+    w, lw = Path(whole.output_path), Path(layered.output_path)
+    w_rep, lw_rep = (json.loads((p / "report.json").read_text()) for p in (w, lw))
+    assert lw_rep["kept_layers"] and lw_rep["kept_as"] == "fp8"
+    assert (lw_rep["kept_layers"], lw_rep["kept_as"]) == (w_rep["kept_layers"], w_rep["kept_as"])
+    assert_same_checkpoint(w, lw)
+    layers = json.loads((lw / "hf_quant_config.json").read_text())["quantization"]
+    algo = {k: v["quant_algo"] for k, v in layers["quantized_layers"].items()}
+    for kept in lw_rep["kept_layers"]:
+        assert algo[f"{kept}.mlp.experts"] == "FP8"
+        assert read_tensors(lw)[f"{kept}.mlp.experts.0.down_proj.weight"].dtype == (
+            torch.float8_e4m3fn
+        )

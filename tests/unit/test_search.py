@@ -271,12 +271,13 @@ def test_layers_groups_quantizers_by_decoder_layer(quantized: torch.nn.Module) -
     layers = search.Layers(quantized)
     assert list(layers.units) == ["model.layers.0", "model.layers.1"]  # lm_head is not one
     modules = dict(quantized.named_modules())
-    for unit, linears in layers.units.items():
+    for unit, parts in layers.units.items():
         want = [
             modules[f"{unit}.{'self_attn' if linear[0] in 'qkvo' else 'mlp'}.{linear}"]
             for linear in LINEARS
         ]
-        assert {id(m) for m in linears} == {id(m) for m in want}, unit
+        holders = [slot.holder for part in parts for slot in part.weights]
+        assert {id(m) for m in holders} == {id(m) for m in want}, unit
 
 
 def test_layers_keep_disables_and_reenables_exactly_them(quantized: torch.nn.Module) -> None:
@@ -348,6 +349,87 @@ def test_layers_keep_in_fp8_leaves_an_uncalibrated_module_in_bf16(
     assert mlp.up_proj.weight_quantizer.num_bits == (4, 3)  # FP8
     layers.keep(())
     assert mlp.down_proj.weight_quantizer.is_enabled and mlp.down_proj.weight_quantizer.block_sizes
+
+
+@pytest.fixture(scope="module")
+def quantized_moe(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    """A tiny Qwen3-MoE quantized by real ModelOpt: its experts are one fused module per
+    layer, with a weight quantizer per expert and an input quantizer per projection."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from devkit.models import make_tiny_qwen3
+
+    cpu_ops.install()
+    path = make_tiny_qwen3(tmp_path_factory.mktemp("moe"), experts=4)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    data = torch.randint(0, model.config.vocab_size, (2, 64))
+
+    def loop(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            m(input_ids=data, use_cache=False)
+
+    return mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), loop)
+
+
+def test_layers_keep_covers_the_fused_experts_of_an_moe_layer(
+    quantized_moe: torch.nn.Module,
+) -> None:
+    """Keeping an MoE layer keeps its experts too (not only its attention): in BF16 every
+    expert quantizer of that layer is off; in FP8 each expert gets its own E4M3 weight
+    quantizer (its slice's absolute maximum) and each projection one input quantizer."""
+    model = quantized_moe
+    layers = search.Layers(model)
+    experts = model.model.layers[0].mlp.experts
+    expert_quantizers = {
+        n for n in quantizer_states(model) if n.startswith("model.layers.0.mlp.experts.")
+    }
+    assert len(expert_quantizers) == 2 * (4 + 1)  # 2 projections x (4 experts + 1 input)
+    before = quantizer_states(model)
+    own_w = experts.down_proj_weight_quantizers[2]
+    try:
+        layers.keep(["model.layers.0"])
+        after = quantizer_states(model)
+        assert not any(after[n] for n in expert_quantizers)
+        assert all(after[n] == before[n] for n in before if n.startswith("model.layers.1."))
+
+        layers.keep(["model.layers.0"], "fp8")
+        w = experts.down_proj_weight_quantizers[2]
+        assert w is not own_w and w.num_bits == (4, 3) and w.block_sizes is None
+        assert float(w.amax) == pytest.approx(float(experts.down_proj[2].abs().max()))
+        i = experts.gate_up_proj_input_quantizer
+        assert i.num_bits == (4, 3) and i.is_enabled
+        other = model.model.layers[1].mlp.experts.down_proj_weight_quantizers[2]
+        assert other.num_bits != (4, 3) and other.is_enabled  # layer 1 stays NVFP4
+    finally:
+        layers.keep(())
+    assert experts.down_proj_weight_quantizers[2] is own_w
+    assert quantizer_states(model) == before
+
+
+def test_an_moe_layer_kept_in_fp8_exports_its_experts_in_fp8(
+    quantized_moe: torch.nn.Module, tmp_path: Path
+) -> None:
+    """ModelOpt exports the kept layer's experts as FP8 (MIXED_PRECISION), the way vLLM's
+    modelopt_mixed loads them, and the other layer's as NVFP4."""
+    import json
+
+    from modelopt.torch.export import export_hf_checkpoint
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(quantized_moe).to(torch.bfloat16)
+    search.Layers(model).keep(["model.layers.0"], "fp8")
+    export_hf_checkpoint(model, export_dir=tmp_path)
+    config = json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]
+    assert config["quant_algo"] == "MIXED_PRECISION"
+    algo = {k: v["quant_algo"] for k, v in config["quantized_layers"].items()}
+    assert algo["model.layers.0.mlp.experts"] == "FP8"
+    assert algo["model.layers.0.self_attn.q_proj"] == "FP8"
+    assert algo["model.layers.1.mlp.experts"] == "NVFP4"
+    tensors = {k: v for f in tmp_path.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert tensors["model.layers.0.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.uint8
 
 
 # --- evaluate.measure ------------------------------------------------------------------
