@@ -86,7 +86,20 @@ def gpu_free(device: torch.device) -> list[int]:
     picks the cards a worker may use."""
     if device.type != "cuda" or weights_in_host_memory(device):
         return []
-    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    return [_card_free(i) for i in range(torch.cuda.device_count())]
+
+
+def _card_free(index: int) -> int:
+    """Free memory of one card. Read through NVML (nvidia-smi's figures), which opens no
+    CUDA context: CUDA's own reading would leave one, a few hundred MB, on every card,
+    also those the job then does not use. CUDA's reading where NVML cannot say (MIG)."""
+    try:
+        used = torch.cuda.device_memory_used(index)
+        # NVML's "used" counts memory the driver reserves, which CUDA's total leaves out:
+        # this errs low by that reserve, never high.
+        return max(0, torch.cuda.get_device_properties(index).total_memory - used)
+    except Exception:  # no NVML library, MIG, an old driver
+        return torch.cuda.mem_get_info(index)[0]
 
 
 def estimate(

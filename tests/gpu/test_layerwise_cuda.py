@@ -68,3 +68,17 @@ def test_moe_layerwise_matches_the_whole_model(
     ev, wev = layered["evaluation"], whole["evaluation"]
     assert ev["perplexity_base"] == pytest.approx(wev["perplexity_base"], rel=1e-3)
     assert_nearly_same_checkpoint(Path(whole["_path"]), Path(layered["_path"]))
+
+
+def test_free_card_memory_read_without_a_context_agrees_with_cuda() -> None:
+    """memory.gpu_free reads NVML (no CUDA context on cards a job may not use); its figure
+    errs low by at most the driver's reserve against CUDA's own reading, never high."""
+    import torch
+
+    from nvfp4_common.sizing import GIB
+    from nvfp4_worker import memory
+
+    free = memory.gpu_free(torch.device("cuda"))
+    assert len(free) == torch.cuda.device_count()
+    cuda_free = torch.cuda.mem_get_info(0)[0]
+    assert cuda_free - 2 * GIB < free[0] <= cuda_free + 64 * 2**20
