@@ -241,21 +241,26 @@ def tiny(tiny_model: Path) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def quantized(tiny_model: Path) -> torch.nn.Module:
+def quantize_on_cpu(path: Path, tokens: int) -> torch.nn.Module:
+    """The model at `path` in float32, NVFP4-calibrated by real ModelOpt on 2 random rows."""
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
     cpu_ops.install()
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     torch.manual_seed(0)
-    data = torch.randint(0, model.config.vocab_size, (2, 32))
+    data = torch.randint(0, model.config.vocab_size, (2, tokens))
 
     def loop(m: torch.nn.Module) -> None:
         with torch.no_grad():
             m(input_ids=data, use_cache=False)
 
     return mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), loop)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model: Path) -> torch.nn.Module:
+    return quantize_on_cpu(tiny_model, 32)
 
 
 def quantizer_states(model: torch.nn.Module) -> dict[str, bool]:
@@ -355,22 +360,9 @@ def test_layers_keep_in_fp8_leaves_an_uncalibrated_module_in_bf16(
 def quantized_moe(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
     """A tiny Qwen3-MoE quantized by real ModelOpt: its experts are one fused module per
     layer, with a weight quantizer per expert and an input quantizer per projection."""
-    import modelopt.torch.quantization as mtq
-    from transformers import AutoModelForCausalLM
-
     from devkit.models import make_tiny_qwen3
 
-    cpu_ops.install()
-    path = make_tiny_qwen3(tmp_path_factory.mktemp("moe"), experts=4)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    data = torch.randint(0, model.config.vocab_size, (2, 64))
-
-    def loop(m: torch.nn.Module) -> None:
-        with torch.no_grad():
-            m(input_ids=data, use_cache=False)
-
-    return mtq.quantize(model, copy.deepcopy(mtq.NVFP4_DEFAULT_CFG), loop)
+    return quantize_on_cpu(make_tiny_qwen3(tmp_path_factory.mktemp("moe"), experts=4), 64)
 
 
 def test_layers_keep_covers_the_fused_experts_of_an_moe_layer(
