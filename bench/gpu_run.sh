@@ -12,6 +12,8 @@
 #   bench/gpu_run.sh tests      # pytest tests/gpu (needs redis: carry .whl/ with its wheel)
 #   bench/gpu_run.sh serve      # 8B-shaped BF16 model; our endpoint at concurrency 1 16 64 128
 #   bench/gpu_run.sh plain      # plain vLLM OpenAI server at the same levels (the baseline)
+#   bench/gpu_run.sh pair       # both in one call, at 1 and 64 streams unless GPU_CONCURRENCY
+#                               # says otherwise (for a sitting with little device time)
 #   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|NAME=KEY=VALUE,...  # one more
 #                               # configuration of ours (Ray env KEY, else a build_app arg)
 #   bench/gpu_run.sh search [plain layerwise search published]   # a plain job, a layer-by-
@@ -73,12 +75,17 @@ tests)
     timeout "${TESTS_TIMEOUT_S:-540}" python3 -m pytest tests/gpu -q -x -p no:cacheprovider \
         -rs --durations=10 --junitxml="$RESULTS/gpu-tests.xml" "${@:2}"
     ;;
-serve)
+serve | pair)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     test -f "$BF16/config.json" || python3 bench/gpu_model.py --out "$BF16" \
         --json "$RESULTS/gpu_model.json" 2>&1 | { grep -v "Writing model shards" || true; }
     rm -f "$SERVE_JSON"
-    serve_bench --skip-plain
+    if [ "$1" = serve ]; then
+        serve_bench --skip-plain
+    else
+        [ -n "${GPU_CONCURRENCY:-}" ] || CONCURRENCY=(1 64)
+        DEADLINE_S=${DEADLINE_S:-540} serve_bench
+    fi
     ;;
 plain)
     test -f "$SERVE_JSON" || { echo "run 'serve' first on this machine"; exit 1; }
@@ -118,7 +125,7 @@ variant)
     serve_bench --append --skip-ours --skip-plain --variant "$spec"
     ;;
 *)
-    sed -n '2,19p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac
