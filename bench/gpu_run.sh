@@ -63,6 +63,19 @@ serve_bench() {
     return "$rc"
 }
 
+# The 8B-shaped BF16 model, made once per machine.
+bf16_model() {
+    test -f "$BF16/config.json" || python3 bench/gpu_model.py --out "$BF16" \
+        --json "$RESULTS/gpu_model.json" 2>&1 | { grep -v "Writing model shards" || true; }
+}
+
+# A serving run from scratch: the card, the model, no earlier rows.
+new_serve_run() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    bf16_model
+    rm -f "$SERVE_JSON"
+}
+
 case "${1:-}" in
 tests)
     if ! python3 -c "import redis" 2>/dev/null; then
@@ -75,17 +88,14 @@ tests)
     timeout "${TESTS_TIMEOUT_S:-540}" python3 -m pytest tests/gpu -q -x -p no:cacheprovider \
         -rs --durations=10 --junitxml="$RESULTS/gpu-tests.xml" "${@:2}"
     ;;
-serve | pair)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    test -f "$BF16/config.json" || python3 bench/gpu_model.py --out "$BF16" \
-        --json "$RESULTS/gpu_model.json" 2>&1 | { grep -v "Writing model shards" || true; }
-    rm -f "$SERVE_JSON"
-    if [ "$1" = serve ]; then
-        serve_bench --skip-plain
-    else
-        [ -n "${GPU_CONCURRENCY:-}" ] || CONCURRENCY=(1 64)
-        DEADLINE_S=${DEADLINE_S:-540} serve_bench
-    fi
+serve)
+    new_serve_run
+    serve_bench --skip-plain
+    ;;
+pair)
+    new_serve_run
+    [ -n "${GPU_CONCURRENCY:-}" ] || CONCURRENCY=(1 64)
+    DEADLINE_S=${DEADLINE_S:-540} serve_bench
     ;;
 plain)
     test -f "$SERVE_JSON" || { echo "run 'serve' first on this machine"; exit 1; }
@@ -94,8 +104,7 @@ plain)
 search)
     # The search's worst case: a KL target no candidate keeps runs every recipe of the
     # ladder, the sensitivity of every layer and the whole bisection, then fails.
-    test -f "$BF16/config.json" || python3 bench/gpu_model.py --out "$BF16" \
-        --json "$RESULTS/gpu_model.json" 2>&1 | { grep -v "Writing model shards" || true; }
+    bf16_model
     test -f "$MODELS/calib.txt" || PYTHONPATH=$PWD/bench:$PYTHONPATH python3 -c \
         "from pathlib import Path; from devkit.text import write_text_file
 write_text_file(Path('$MODELS/calib.txt'), max_chars=2_000_000)"

@@ -107,9 +107,11 @@ class Layers:
         self.units: dict[str, list[_Part]] = {}
         for name, module in model.named_modules():
             match = _LAYER.match(name + ".")
-            if match is not None and match.group(1) != name:
-                self.units.setdefault(match.group(1), []).extend(_parts(module))
-        self.units = {unit: parts for unit, parts in self.units.items() if parts}
+            if match is None or match.group(1) == name:
+                continue
+            parts = _parts(module)
+            if parts:
+                self.units.setdefault(match.group(1), []).extend(parts)
         self._fp8: dict[_Part, dict[_Slot, Any] | None] = {}  # made on first use
         self.kept: set[str] = set()
         self.kept_as = "bf16"
@@ -179,7 +181,7 @@ def _parts(module: torch.nn.Module) -> list[_Part]:
     `gate_up_proj_weight_quantizers`, one per expert, and `gate_up_proj_input_quantizer`)."""
     parts = []
     if isinstance(getattr(module, "weight", None), torch.Tensor):
-        slots = {_Slot(module, a): None for a in _QUANTIZERS}
+        slots = [_Slot(module, a) for a in _QUANTIZERS]
         weights = {_Slot(module, "weight_quantizer"): cast(torch.Tensor, module.weight)}
         parts.append(_part(slots, weights, [_Slot(module, "input_quantizer")]))
     for attr, child in module.named_children():
@@ -189,13 +191,11 @@ def _parts(module: torch.nn.Module) -> list[_Part]:
             continue
         weights = {_Slot(child, i): weight[i] for i in range(len(cast(Sized, child)))}
         inputs = [_Slot(module, f"{proj}_input_quantizer")]
-        parts.append(_part(dict.fromkeys([*weights, *inputs]), weights, inputs))
+        parts.append(_part([*weights, *inputs], weights, inputs))
     return [p for p in parts if any(s in p.own for s in p.weights)]
 
 
-def _part(
-    slots: dict[_Slot, None], weights: dict[_Slot, torch.Tensor], inputs: list[_Slot]
-) -> _Part:
+def _part(slots: list[_Slot], weights: dict[_Slot, torch.Tensor], inputs: list[_Slot]) -> _Part:
     """The part, with only the quantizers calibration left enabled."""
     own = {s: q for s in slots if getattr(q := s.get(), "is_enabled", False)}
     enabled = {s: w for s, w in weights.items() if s in own}
