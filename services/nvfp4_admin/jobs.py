@@ -116,7 +116,8 @@ def jobs() -> None:
     "--layerwise",
     is_flag=True,
     help="Quantize one decoder layer at a time (memory bounded by a layer, not the model;"
-    " no perplexity, no target). The worker also chooses it for a model that does not fit.",
+    " recipes nvfp4 and nvfp4-4over6). The worker also chooses it for a model that does"
+    " not fit.",
 )
 @click.option(
     "--priority",

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nvfp4_common.recipes import DEFAULT_RECIPE, RECIPES, QualityTarget
+from nvfp4_common.recipes import LAYERWISE_RECIPES, RECIPES, QualityTarget
 
 # A Hugging Face repo id ("org/name"); anything else must be a local path. Both patterns
 # end in \Z, not $: `$` also matches before a trailing newline, which let "name\n" through.
@@ -118,10 +118,10 @@ class JobSpec(BaseModel):
     def _target_is_measurable(self) -> JobSpec:
         if self.recipe is not None and self.format is QuantFormat.FP8:
             raise ValueError("recipe: recipes are NVFP4 calibrations; FP8 takes none")
-        if self.layerwise and self.recipe not in (None, DEFAULT_RECIPE):
+        if self.layerwise and self.recipe not in (None, *LAYERWISE_RECIPES):
             raise ValueError(
-                f"layerwise: layer-by-layer mode runs the {DEFAULT_RECIPE} recipe only; drop"
-                " --recipe or layer-by-layer mode"
+                f"layerwise: layer-by-layer mode runs the {' and '.join(LAYERWISE_RECIPES)}"
+                " recipes only; choose one of them or drop layer-by-layer mode"
             )
         if self.target is not None and self.target.has_quality and self.eval_samples == 0:
             raise ValueError(

@@ -58,6 +58,10 @@ DEFAULT_RECIPE = "nvfp4"
 # first (max: one calibration pass; four-over-six adds a per-block choice at about the
 # same cost). The slower recipes are picked by name.
 SEARCH_LADDER = ("nvfp4", "nvfp4-4over6")
+# The recipes layer-by-layer mode runs: their calibration reads only each layer's own
+# weights and input ranges (max; four-over-six's weight MSE), so a layer calibrated alone
+# exports what the whole model's job writes. The search ladder must be among them.
+LAYERWISE_RECIPES = ("nvfp4", "nvfp4-4over6")
 # ModelOpt presets left out because vLLM cannot serve their export, with the reason.
 NOT_OFFERED = {
     "NVFP4_AWQ_LITE_CFG / NVFP4_AWQ_FULL_CFG": "export quant_algo NVFP4_AWQ with"

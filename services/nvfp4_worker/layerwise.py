@@ -609,14 +609,20 @@ class LayerwiseRun:
         held_out: list[torch.Tensor] | None = None,
         *,
         export: bool = True,
+        base: bool = True,
         on_layer: Callable[[int, int], None] | None = None,
     ) -> dict[str, float]:
         """The first pass. Without `export` (a search follows) it keeps each layer's
-        quantizer ranges and returns each layer's sensitivity (see `_sensitivity`)."""
+        quantizer ranges and returns each layer's sensitivity (see `_sensitivity`).
+        Without `base` the original model's held-out stream is not run (a search's later
+        recipe: the first one's run measured it)."""
         t = time.monotonic()
-        embedded = self.embed({"c": batches, "q": held_out or [], "b": held_out or []})
+        wanted = {"c": batches, "q": held_out or []}
+        if base:
+            wanted["b"] = held_out or []
+        embedded = self.embed(wanted)
         hidden = embedded["c"]
-        streams = Streams(held_out, embedded["q"], embedded["b"]) if held_out else None
+        streams = Streams(held_out, embedded["q"], embedded.get("b")) if held_out else None
         self.streams = streams
         self.timings["prepare"] = round(time.monotonic() - t, 3)
         t = time.monotonic()

@@ -5,11 +5,12 @@ into the staging folder, add the tokenizer and build the report. Held-out perple
 KL are measured in the same pass: the held-out windows go through each layer twice, as it
 was and as quantized, and the final norm and lm_head make the logits at the end.
 
-With a quality target the search runs as in the whole-model job (search.py), on the one
-recipe this mode runs: the candidate with every layer quantized first, then the most
-sensitive layers kept in FP8, then in BF16, found by the same guided bisection. Each
-candidate costs one more pass over the layers (read from the shards again, with the
-quantizer ranges of the first pass), and the chosen one is exported in a last pass.
+With a quality target the search runs as in the whole-model job (search.py): each recipe
+of the ladder calibrated with every layer quantized (one pass over the layers each,
+cheapest first), then, on the closest recipe's quantizer ranges, the most sensitive
+layers kept in FP8, then in BF16, found by the same guided bisection. Each such candidate
+costs one more pass over the layers (read from the shards again), and the chosen one is
+exported in a last pass.
 What this mode does not do: sample generations (they need the whole model), and the
 layers' sensitivity is measured locally (how much quantizing a layer alone changes its
 output on a calibration batch), not as the whole model's KL.
@@ -21,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from nvfp4_common.jobs import Stage
-from nvfp4_common.recipes import DEFAULT_RECIPE, QualityTarget
+from nvfp4_common.recipes import QualityTarget
 from nvfp4_worker import calibration, evaluate, layerwise, publish, quantize, search
 from nvfp4_worker.errors import JobError
 
@@ -36,7 +37,7 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
     """Quantize `plan` layer by layer into `staging`; returns the job's report."""
     from transformers import AutoTokenizer
 
-    from nvfp4_worker.pipeline import _size_and_memory, _versions, candidate_size
+    from nvfp4_worker.pipeline import _size_and_memory, _versions, candidate_size, recipe_ladder
 
     spec, timings = plan.spec, plan.timings
     t = time.monotonic()
@@ -54,21 +55,9 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
     held_batches = calibration.batches(held, spec.calib_seq_len) if held.numel() else None
     timings["load"] = round(time.monotonic() - t, 3)
 
-    recipe = spec.recipe
-    name = recipe or spec.format.value
     target = spec.target
     searching = target is not None
-    run = layerwise.LayerwiseRun(
-        plan.source.path,
-        spec.model,
-        quantize.build_config(spec.format, spec.exclude, recipe),
-        staging,
-        device=plan.device,
-        dtype=plan.dtype,
-        calib_shape=(windows.calib.shape[0], windows.calib.shape[1]),
-        held_out_shape=(held.shape[0], held.shape[1]) if held_batches else None,
-        activation_budget=plan.activation_budget,
-    )
+    calib_batches = calibration.batches(windows.calib, spec.calib_seq_len)
 
     def on_layer(stage: Stage, what: str) -> Any:
         def report(done: int, total: int) -> None:
@@ -77,30 +66,19 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
 
         return report
 
-    t = time.monotonic()
-    reporter.progress(
-        Stage.CALIBRATING,
-        0.0,
-        f"calibrating ({name}) layer by layer on {spec.calib_samples} samples",
-    )
-    staging.mkdir(parents=True, exist_ok=True)
-    sensitivity = run.calibrate(
-        calibration.batches(windows.calib, spec.calib_seq_len),
-        held_batches,
-        export=not searching,
-        on_layer=on_layer(Stage.CALIBRATING, "calibrating"),
-    )
-    timings["calibrate"] = round(time.monotonic() - t, 3)
-
     base: evaluate.Measurement | None = None
     candidates: list[search.Candidate] = []
 
     def candidate(
-        kept: tuple[str, ...], precision: str, m: evaluate.Measurement, started: float
+        recipe: str | None,
+        kept: tuple[str, ...],
+        precision: str,
+        m: evaluate.Measurement,
+        started: float,
     ) -> search.Candidate:
         assert base is not None
         c = search.Candidate(
-            recipe=name,
+            recipe=recipe or spec.format.value,
             kept=kept,
             kept_as=precision,
             size_bytes=candidate_size(plan, recipe, kept, precision),
@@ -114,32 +92,71 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
             reporter.log(f"candidate: {c.describe()}{'' if c.meets else f' ({c.why_not})'}")
         return c
 
+    staging.mkdir(parents=True, exist_ok=True)
+    # 1. the recipes, every layer quantized, cheapest first: one pass over the layers each
+    runs: dict[str, tuple[layerwise.LayerwiseRun, dict[str, float], str | None]] = {}
     chosen: search.Candidate | None = None
-    if held_batches:
+    for recipe in recipe_ladder(spec):
         t = time.monotonic()
-        base = run.reference()
-        assert base.reference is not None
-        chosen = candidate((), "bf16", run.measured(base.reference), t)
-        candidates.append(chosen)
-        timings["evaluate"] = round(time.monotonic() - t, 3)
-    elif searching:  # a size-only target and no held-out text: nothing to measure
-        base = evaluate.Measurement(None)
-        chosen = candidate((), "bf16", base, time.monotonic())
-        candidates.append(chosen)
+        reporter.progress(
+            Stage.CALIBRATING,
+            0.0,
+            f"calibrating ({recipe or spec.format.value}) layer by layer"
+            f" on {spec.calib_samples} samples",
+        )
+        run = layerwise.LayerwiseRun(
+            plan.source.path,
+            spec.model,
+            quantize.build_config(spec.format, spec.exclude, recipe),
+            staging,
+            device=plan.device,
+            dtype=plan.dtype,
+            calib_shape=(windows.calib.shape[0], windows.calib.shape[1]),
+            held_out_shape=(held.shape[0], held.shape[1]) if held_batches else None,
+            activation_budget=plan.activation_budget,
+        )
+        sensitivity = run.calibrate(
+            calib_batches,
+            held_batches,
+            export=not searching,
+            base=base is None,
+            on_layer=on_layer(Stage.CALIBRATING, "calibrating"),
+        )
+        timings["calibrate"] = round(timings.get("calibrate", 0.0) + time.monotonic() - t, 3)
+        t = time.monotonic()
+        if held_batches:
+            if base is None:
+                base = run.reference()
+            assert base.reference is not None
+            chosen = candidate(recipe, (), "bf16", run.measured(base.reference), t)
+            timings["evaluate"] = round(timings.get("evaluate", 0.0) + time.monotonic() - t, 3)
+        elif searching:  # a size-only target and no held-out text: nothing to measure
+            base = evaluate.Measurement(None)
+            chosen = candidate(recipe, (), "bf16", base, t)
+        if chosen is not None:
+            candidates.append(chosen)
+            runs[chosen.recipe] = (run, sensitivity, recipe)
+            if chosen.meets:
+                break
     if searching:
         assert target is not None and chosen is not None and base is not None
         if not chosen.meets:
+            # 2. the closest recipe's run, keeping its most sensitive layers
+            closest = search.closest(candidates)
+            run, sensitivity, recipe = runs[closest.recipe]
             reference = base.reference
 
             def measure(kept: tuple[str, ...], precision: str) -> search.Candidate:
                 started = time.monotonic()
                 if reference is None:  # no held-out text: judged on its size alone
-                    return candidate(kept, precision, evaluate.Measurement(None), started)
-                what = f"measuring {len(kept)} layers in {precision.upper()}"
-                m = run.measure(kept, precision, reference, on_layer(Stage.EVALUATING, what))
-                return candidate(kept, precision, m, started)
+                    m = evaluate.Measurement(None)
+                else:
+                    what = f"measuring {len(kept)} layers in {precision.upper()}"
+                    m = run.measure(kept, precision, reference, on_layer(Stage.EVALUATING, what))
+                return candidate(recipe, kept, precision, m, started)
 
-            chosen = _search(measure, chosen, sensitivity, target, candidates, plan)
+            chosen = _search(measure, closest, sensitivity, target, candidates, plan, recipe)
+        runs.clear()  # the other recipes' quantizer ranges
         t = time.monotonic()
         reporter.progress(Stage.EXPORTING, 0.0, f"exporting: {chosen.describe()}")
         run.export(chosen.kept, chosen.kept_as, on_layer(Stage.EXPORTING, "exporting"))
@@ -171,7 +188,7 @@ def execute(plan: _Plan, reporter: Reporter, staging: Path) -> dict[str, Any]:
         "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
         "excluded_modules": q.get("exclude_modules", []),
         "exclude_patterns": list(spec.exclude),
-        "recipe": recipe or (DEFAULT_RECIPE if spec.format.value != "fp8" else None),
+        "recipe": recipe,
         "kept_layers": list(kept),
         "kept_as": chosen.kept_as if chosen and kept else None,
         "mode": "layerwise",
@@ -218,6 +235,7 @@ def _search(
     target: QualityTarget,
     candidates: list[search.Candidate],
     plan: _Plan,
+    recipe: str | None,
 ) -> search.Candidate:
     """The most sensitive layers kept in FP8, else in BF16 (search.keep_layers); `measure`
     makes one candidate in one pass over the layers."""
@@ -231,7 +249,7 @@ def _search(
             order,
             measure,
             target,
-            lambda kept, p: candidate_size(plan, plan.spec.recipe, kept, p),
+            lambda kept, p: candidate_size(plan, recipe, kept, p),
             candidates,
             precision,
             sensitivity,

@@ -22,7 +22,13 @@ import torch
 
 from nvfp4_common.checkpoint_files import TOKENIZER_FILES, has_tokenizer
 from nvfp4_common.jobs import JobResult, JobSpec, QuantFormat, Stage
-from nvfp4_common.recipes import DEFAULT_RECIPE, RECIPES, SEARCH_LADDER, QualityTarget
+from nvfp4_common.recipes import (
+    DEFAULT_RECIPE,
+    LAYERWISE_RECIPES,
+    RECIPES,
+    SEARCH_LADDER,
+    QualityTarget,
+)
 from nvfp4_common.settings import Settings
 from nvfp4_worker import (
     calibration,
@@ -189,8 +195,8 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
         info.source_bytes, source_dtype, dtype, memory.weights_in_host_memory(device)
     )
     # A model that does not fit whole is quantized layer by layer (layerwise.py), if that
-    # fits; a job with another recipe than the default (layer-by-layer mode runs max
-    # calibration only) is not switched.
+    # fits; a job with a recipe that mode does not run (recipes.LAYERWISE_RECIPES) is not
+    # switched.
     mode = (
         memory.choose_mode(
             spec.model,
@@ -201,7 +207,7 @@ def _plan(spec: JobSpec, settings: Settings, job_id: str, final: Path) -> _Plan:
             memory.weights_in_host_memory(device),
             memory.room(cap=_gib_bytes(settings.worker_memory_limit_gb)),
             requested=spec.layerwise,
-            can_switch=spec.recipe in (None, DEFAULT_RECIPE),
+            can_switch=spec.recipe in (None, *LAYERWISE_RECIPES),
             eval_samples=spec.eval_samples,
             runtime=memory.layerwise_runtime(memory.rss_bytes()),
             gpus=memory.gpu_free(device),
@@ -372,10 +378,7 @@ def _quantize(
     that keeps it (search.py). Returns the model as the chosen candidate is exported."""
     spec, device, timings = plan.spec, plan.device, plan.timings
     target = spec.target or QualityTarget()
-    if spec.recipe is not None or spec.format is QuantFormat.FP8:
-        ladder: tuple[str | None, ...] = (spec.recipe,)
-    else:
-        ladder = SEARCH_LADDER if spec.target else (DEFAULT_RECIPE,)
+    ladder = recipe_ladder(spec)
     loop = calibration.make_forward_loop(
         windows.calib, device, _each(reporter, Stage.CALIBRATING, "calibration batch", 1.0)
     )
@@ -435,7 +438,7 @@ def _quantize(
         if c.meets:
             return model, search.Outcome(c, candidates)
     # 2. the closest recipe, keeping its most sensitive layers in FP8, else in BF16
-    closest = min(candidates, key=lambda c: (c.kl or 0.0, c.perplexity or 0.0))
+    closest = search.closest(candidates)
     recipe = ladder[[c.recipe for c in candidates].index(closest.recipe)]
     if recipe != ladder[-1]:
         model = calibrate(recipe, fresh=True)
@@ -471,6 +474,15 @@ def _quantize(
     if chosen is None:
         raise JobError(outcome.failure(target))
     return model, outcome
+
+
+def recipe_ladder(spec: JobSpec) -> tuple[str | None, ...]:
+    """The recipes a job calibrates, in order: the one it names; with a quality target and
+    no recipe, the search ladder (cheapest first; a size alone is the same for each
+    recipe); else the default."""
+    if spec.recipe is not None or spec.format is QuantFormat.FP8:
+        return (spec.recipe,)
+    return SEARCH_LADDER if spec.target and spec.target.has_quality else (DEFAULT_RECIPE,)
 
 
 def candidate_size(

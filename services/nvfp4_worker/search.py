@@ -84,6 +84,12 @@ def judge(c: Candidate, target: QualityTarget) -> Candidate:
     return c
 
 
+def closest(candidates: list[Candidate]) -> Candidate:
+    """The every-layer candidate that came closest (lowest KL, then perplexity): its
+    recipe is the one whose layers the search keeps."""
+    return min(candidates, key=lambda c: (c.kl or 0.0, c.perplexity or 0.0))
+
+
 class Keeps(Protocol):
     """What the bisection sets before it measures a candidate: `Layers` on a whole model;
     layer by layer, each pass applies the candidate itself (NoModel)."""

@@ -24,14 +24,12 @@ def test_layerwise_quality_and_search_match_the_whole_model(
     ev, wev = plain["evaluation"], whole["evaluation"]
     assert ev["perplexity_base"] == pytest.approx(wev["perplexity_base"], rel=1e-3)
     assert ev["kl"] == pytest.approx(wev["kl"], rel=0.05)
-    # A KL target the every-layer candidate misses: both searches keep layers. One recipe
-    # for both: the whole-model search also tries nvfp4-4over6, which layer-by-layer mode
-    # does not run (on an H100 it kept layer 0 of a 4over6 model instead, 2026-12-07).
+    # A KL target the every-layer candidate misses: both searches try the recipe ladder
+    # (nvfp4, nvfp4-4over6), pick the same closest recipe and keep layers of it.
     target = {"max_kl": wev["kl"] * 0.6}
-    w = cuda_job(model, calib, tmp_path, "whole-target", target=target, recipe="nvfp4")
-    lw = cuda_job(
-        model, calib, tmp_path, "lw-target", target=target, recipe="nvfp4", layerwise=True
-    )
+    w = cuda_job(model, calib, tmp_path, "whole-target", target=target)
+    lw = cuda_job(model, calib, tmp_path, "lw-target", target=target, layerwise=True)
+    assert lw["recipe"] == w["recipe"]
     assert lw["kept_layers"] and lw["kept_as"] == w["kept_as"]
     assert lw["evaluation"]["kl"] <= target["max_kl"]
     if lw["kept_layers"] == w["kept_layers"]:

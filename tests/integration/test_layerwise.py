@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,14 +89,21 @@ def assert_same_checkpoint(whole: Path, layered: Path) -> int:
 
 
 def quantize_both(
-    workspace: dict[str, Path], tmp_path: Path, model: Path, fmt: QuantFormat = QuantFormat.NVFP4
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    model: Path,
+    fmt: QuantFormat = QuantFormat.NVFP4,
+    **fields: Any,
 ) -> tuple[Path, Path]:
     settings = make_settings(workspace, tmp_path / "models")
     whole = pipeline.run(
-        spec(model, workspace["calib"], "whole", format=fmt), settings, PrintReporter(), "j-w"
+        spec(model, workspace["calib"], "whole", format=fmt, **fields),
+        settings,
+        PrintReporter(),
+        "j-w",
     )
     layered = pipeline.run(
-        spec(model, workspace["calib"], "layered", format=fmt, layerwise=True),
+        spec(model, workspace["calib"], "layered", format=fmt, layerwise=True, **fields),
         settings,
         PrintReporter(),
         "j-l",
@@ -117,6 +125,27 @@ def test_tiny_layerwise_export_equals_whole_model(
     assert not list(layered.rglob(".spill"))
     if fmt is QuantFormat.NVFP4_FP8_KV:
         assert "model.layers.0.self_attn.k_proj.k_scale" in read_tensors(layered)
+
+
+def test_four_over_six_layer_by_layer_equals_whole_model(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """The other recipe of the search ladder: its weight MSE reads only the layer's own
+    weights, so calibrating one layer alone writes the whole model's checkpoint."""
+    whole, layered = quantize_both(workspace, tmp_path, workspace["tiny"], recipe="nvfp4-4over6")
+    assert assert_same_checkpoint(whole, layered) > 0
+    report = json.loads((layered / "report.json").read_text())
+    assert (report["mode"], report["recipe"]) == ("layerwise", "nvfp4-4over6")
+    # Not the default recipe's checkpoint under another name: its block scales differ.
+    default = pipeline.run(
+        spec(workspace["tiny"], workspace["calib"], "default"),
+        make_settings(workspace, tmp_path / "models"),
+        PrintReporter(),
+        "j-d",
+    )
+    ours, theirs = read_tensors(layered), read_tensors(Path(default.output_path))
+    scales = [k for k in ours if k.endswith(".weight_scale")]
+    assert scales and any(not torch.equal(ours[k], theirs[k]) for k in scales)
 
 
 def test_spilled_activations_give_the_same_checkpoint(
@@ -407,6 +436,13 @@ def test_quality_search_layer_by_layer_matches_the_whole_model(
         w["evaluation"]["perplexity_base"], rel=1e-5
     )
     assert lw["search"]["candidates"][0]["kl"] == pytest.approx(first["kl"], rel=1e-6)
+    # Both modes calibrate the same recipes with every layer quantized, to the same KL,
+    # and keep layers of the same (closest) one.
+    ladder = [(c["recipe"], c["kl"]) for c in w["search"]["candidates"] if not c["kept"]]
+    lw_ladder = [(c["recipe"], c["kl"]) for c in lw["search"]["candidates"] if not c["kept"]]
+    assert [r for r, _ in lw_ladder] == [r for r, _ in ladder] == ["nvfp4", "nvfp4-4over6"]
+    assert [k for _, k in lw_ladder] == pytest.approx([k for _, k in ladder], rel=1e-4)
+    assert lw["recipe"] == w["recipe"]
     assert lw["kept_layers"] and lw["kept_as"] == "fp8"
     assert (lw["kept_layers"], lw["kept_as"]) == (w["kept_layers"], w["kept_as"])
     assert lw["evaluation"]["kl"] == pytest.approx(w["evaluation"]["kl"], rel=1e-4)

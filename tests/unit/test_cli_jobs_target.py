@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from nvfp4_admin.cli import cli
 from nvfp4_common.queue import JobQueue
-from nvfp4_common.recipes import RECIPES
+from nvfp4_common.recipes import LAYERWISE_RECIPES, RECIPES, SEARCH_LADDER
 
 
 def submit(redis_url: str, *args: str) -> Result:
@@ -68,6 +68,10 @@ BAD = {
     "size below the smallest export": (["--max-size-gb", "0.0001"], "--max-size-gb"),
     "target without evaluation": (["--max-kl", "0.05", "--eval-samples", "0"], "--eval-samples"),
     "recipe for fp8": (["--format", "fp8", "--recipe", "nvfp4-mse"], "--recipe"),
+    "layerwise with a recipe it does not run": (
+        ["--layerwise", "--recipe", "nvfp4-mse"],
+        "--layerwise",
+    ),
 }
 
 
@@ -86,11 +90,26 @@ def test_bad_input_is_a_one_line_usage_error_and_queues_nothing(
     assert queue.jobs() == []
 
 
+@pytest.mark.parametrize("recipe", LAYERWISE_RECIPES)
+def test_layerwise_takes_the_recipes_it_runs(
+    redis_url: str, queue: JobQueue, tiny_model: Path, recipe: str
+) -> None:
+    out = submit(redis_url, str(tiny_model), "--layerwise", "--recipe", recipe, "--json")
+    assert out.exit_code == 0, out.output
+    spec = queue.get(json.loads(out.output)["id"]).spec
+    assert spec.layerwise and spec.recipe == recipe
+
+
 def test_size_budget_names_the_smallest_checkpoint(redis_url: str, tiny_model: Path) -> None:
     out = submit(redis_url, str(tiny_model), "--max-size-gb", "0.0001")
     assert "below the smallest nvfp4 checkpoint of this model" in out.output
     # A budget above it is accepted.
     assert submit(redis_url, str(tiny_model), "--max-size-gb", "1").exit_code == 0
+
+
+def test_the_search_ladder_runs_layer_by_layer() -> None:
+    """A quality-target job switched to layer-by-layer mode runs the whole ladder there."""
+    assert set(SEARCH_LADDER) <= set(LAYERWISE_RECIPES)
 
 
 def test_help_lists_every_recipe() -> None:
