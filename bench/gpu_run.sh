@@ -12,10 +12,12 @@
 #   bench/gpu_run.sh tests      # pytest tests/gpu (needs redis: carry .whl/ with its wheel)
 #   bench/gpu_run.sh serve      # 8B-shaped BF16 model; our endpoint at concurrency 1 16 64 128
 #   bench/gpu_run.sh plain      # plain vLLM OpenAI server at the same levels (the baseline)
-#   bench/gpu_run.sh pair       # both in one call, at 1 and 64 streams unless GPU_CONCURRENCY
-#                               # says otherwise (for a sitting with little device time)
-#   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|NAME=KEY=VALUE,...  # one more
-#                               # configuration of ours (Ray env KEY, else a build_app arg)
+#   bench/gpu_run.sh pair [VARIANT]   # both in one call, at 1 and 64 streams unless
+#                               # GPU_CONCURRENCY says otherwise (for a sitting with little
+#                               # device time); with a variant: plain vLLM and that variant
+#   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|direct-streaming|NAME=KEY=VALUE,...
+#                               # one more configuration of ours (Ray env KEY, else a build_app
+#                               # arg; import_path=module:builder replaces build_app)
 #   bench/gpu_run.sh search [plain layerwise search published]   # a plain job, a layer-by-
 #                               # layer one, one whose target forces the full search (default:
 #                               # these three), one whose target (+1%) publishes, with vLLM's
@@ -24,8 +26,10 @@
 # GPU_CONCURRENCY="1 16 64" sets the levels; PROFILE_S=20 also records every serving process
 # with py-spy for 20 s at 64 streams after each server's levels (bench/devkit/pyspy.py).
 # "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS, throughput-
-# optimized Ray Serve); the variants are direct ingress on, the mode off (Ray's defaults) and
-# the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC.
+# optimized Ray Serve); the variants are direct ingress on, the mode off (Ray's defaults),
+# the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC, and
+# Ray's direct streaming: the engine replica serving vLLM's own app behind HAProxy, with no
+# ingress of ours (no API keys: a measurement of the ingress hop, not a way to serve).
 # Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +80,21 @@ new_serve_run() {
     rm -f "$SERVE_JSON"
 }
 
+# A named variant's gpu_serve.py --variant spec (NAME=KEY=VALUE,... passes through).
+variant_spec() {
+    case "$1" in
+    direct-ingress) echo "direct-ingress=RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
+    mode-off) echo "mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
+    proxy-actor) echo "proxy-actor=RAY_SERVE_PROXY_USE_GRPC=0" ;;
+    # The engine replica as the ingress, behind HAProxy (bench/devkit/direct_streaming.py).
+    direct-streaming) echo "direct-streaming=RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,$(
+        )RAY_SERVE_ENABLE_HA_PROXY=1,import_path=devkit.direct_streaming:build_app" ;;
+    *=*) echo "$1" ;;
+    *) echo "variant: direct-ingress, mode-off, proxy-actor, direct-streaming or NAME=KEY=VALUE,..." >&2
+       exit 2 ;;
+    esac
+}
+
 case "${1:-}" in
 tests)
     if ! python3 -c "import redis" 2>/dev/null; then
@@ -93,9 +112,15 @@ serve)
     serve_bench --skip-plain
     ;;
 pair)
+    # With a variant name: plain vLLM and that variant instead of ours.
+    spec=()
+    if [ -n "${2:-}" ]; then
+        name=$(variant_spec "$2")
+        spec=(--skip-ours --variant "$name")
+    fi
     new_serve_run
     [ -n "${GPU_CONCURRENCY:-}" ] || CONCURRENCY=(1 64)
-    DEADLINE_S=${DEADLINE_S:-540} serve_bench
+    DEADLINE_S=${DEADLINE_S:-540} serve_bench "${spec[@]}"
     ;;
 plain)
     test -f "$SERVE_JSON" || { echo "run 'serve' first on this machine"; exit 1; }
@@ -124,14 +149,8 @@ write_text_file(Path('$MODELS/calib.txt'), max_chars=2_000_000)"
     ;;
 variant)
     test -f "$SERVE_JSON" || { echo "run 'serve' and 'plain' first on this machine"; exit 1; }
-    case "${2:-}" in
-    direct-ingress) spec="direct-ingress=RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
-    mode-off) spec="mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
-    proxy-actor) spec="proxy-actor=RAY_SERVE_PROXY_USE_GRPC=0" ;;
-    *=*) spec=$2 ;;  # NAME=KEY=VALUE,... (gpu_serve.py --variant)
-    *) echo "variant: direct-ingress, mode-off, proxy-actor or NAME=KEY=VALUE,..."; exit 2 ;;
-    esac
-    serve_bench --append --skip-ours --skip-plain --variant "$spec"
+    name=$(variant_spec "${2:-}")
+    serve_bench --append --skip-ours --skip-plain --variant "$name"
     ;;
 *)
     sed -n '2,22p' "$0"

@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 from gpu_vllm import CAPTURE_SIZES, engine_kwargs
-from serve_overhead import parse_variant
+from serve_overhead import GeneratingCluster, parse_variant
 
 from devkit import pyspy, serve_cluster, text, vllm_bench
 from nvfp4_admin.loadgen import LevelStats, LoadGenerator
@@ -215,7 +215,11 @@ def run_ours(
     result: dict[str, Any],
 ) -> None:
     t0 = time.monotonic()
-    cluster = serve_cluster.ServeCluster(
+    app = dict(app)
+    builder = app.pop("import_path", None)  # another app builder (devkit.direct_streaming)
+    # Another builder may have no /readyz: that cluster is ready when it generates.
+    cluster = (GeneratingCluster if builder else serve_cluster.ServeCluster)(
+        import_path=builder or serve_cluster.ServeCluster.import_path,
         app_args={
             "model": str(args.model),
             "model_name": NAME,

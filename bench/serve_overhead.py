@@ -136,7 +136,7 @@ def wait_generates(base: str, key: str | None, deadline: float, alive: Callable[
     raise TimeoutError(f"{base} did not answer a completion in time")
 
 
-class _Cluster(ServeCluster):
+class GeneratingCluster(ServeCluster):
     """ServeCluster that is ready when it generates (configs without /readyz count too)."""
 
     def wait_ready(self, deadline: float) -> None:
@@ -147,7 +147,10 @@ def ours(
     model: Path, args: argparse.Namespace, env: dict[str, str], app: dict[str, Any]
 ) -> tuple[str, Callable[[], None]]:
     """Start a private Ray cluster serving build_app; (base URL, stopper)."""
-    cluster = _Cluster(
+    app = dict(app)
+    builder = app.pop("import_path", None)  # another app builder (devkit.direct_streaming)
+    cluster = GeneratingCluster(
+        import_path=builder or ServeCluster.import_path,
         app_args={
             "model": str(model),
             "model_name": NAME,

@@ -65,6 +65,9 @@ class ServeCluster:
     env: dict[str, str] = field(default_factory=dict)
     num_cpus: int = 4
     app_name: str = "llm"
+    # The application's builder; another one (bench/devkit/direct_streaming.py) is
+    # imported from bench/, which the cluster's processes get on their PYTHONPATH.
+    import_path: str = "nvfp4_serve.app:build_app"
     # Serve config overrides of the app's deployments (e.g. an engine's num_replicas).
     deployments: list[dict[str, Any]] = field(default_factory=list)
     marker: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -119,6 +122,9 @@ class ServeCluster:
                     "RAY_SERVE_HAPROXY_MAXCONN": str(haproxy_maxconn()),
                 }
             )
+        if not self.import_path.startswith("nvfp4_serve."):
+            bench = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [bench, env.get("PYTHONPATH")]))
         env.update(self.env)
         return env
 
@@ -200,7 +206,7 @@ class ServeCluster:
                 {
                     "name": self.app_name,
                     "route_prefix": "/",
-                    "import_path": "nvfp4_serve.app:build_app",
+                    "import_path": self.import_path,
                     "args": args,
                 }
             ],
