@@ -87,8 +87,9 @@ variant_spec() {
     mode-off) echo "mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
     proxy-actor) echo "proxy-actor=RAY_SERVE_PROXY_USE_GRPC=0" ;;
     # The engine replica as the ingress, behind HAProxy (bench/devkit/direct_streaming.py).
-    direct-streaming) echo "direct-streaming=RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,$(
-        )RAY_SERVE_ENABLE_HA_PROXY=1,import_path=devkit.direct_streaming:build_app" ;;
+    direct-streaming)
+        local env="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1"
+        echo "direct-streaming=$env,import_path=devkit.direct_streaming:build_app" ;;
     *=*) echo "$1" ;;
     *) echo "variant: direct-ingress, mode-off, proxy-actor, direct-streaming or NAME=KEY=VALUE,..." >&2
        exit 2 ;;
@@ -153,7 +154,7 @@ variant)
     serve_bench --append --skip-ours --skip-plain --variant "$name"
     ;;
 *)
-    sed -n '2,22p' "$0"
+    sed -n '/^set -euo/q;2,$p' "$0"  # this header
     exit 2
     ;;
 esac
