@@ -84,6 +84,9 @@ def _kill_tree(pid: int) -> None:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+    # SIGKILL is delivered asynchronously: wait until they are gone (or zombies of a parent
+    # that has not reaped them yet), so none outlives the measurement that started it.
+    psutil.wait_procs(procs, timeout=5)
 
 
 def _engine_args(cpu: bool) -> dict[str, Any]:
