@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 from gpu_vllm import CAPTURE_SIZES, engine_kwargs
-from serve_overhead import GeneratingCluster, parse_variant
+from serve_overhead import GeneratingCluster, parse_variant, split_builder
 
 from devkit import pyspy, serve_cluster, text, vllm_bench
 from nvfp4_admin.loadgen import LevelStats, LoadGenerator
@@ -215,8 +215,7 @@ def run_ours(
     result: dict[str, Any],
 ) -> None:
     t0 = time.monotonic()
-    app = dict(app)
-    builder = app.pop("import_path", None)  # another app builder (devkit.direct_streaming)
+    builder, app = split_builder(app)
     # Another builder may have no /readyz: that cluster is ready when it generates.
     cluster = (GeneratingCluster if builder else serve_cluster.ServeCluster)(
         import_path=builder or serve_cluster.ServeCluster.import_path,

@@ -136,6 +136,13 @@ def wait_generates(base: str, key: str | None, deadline: float, alive: Callable[
     raise TimeoutError(f"{base} did not answer a completion in time")
 
 
+def split_builder(app: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """A variant's `import_path` (another app builder, e.g. devkit.direct_streaming) and
+    the build_app args without it."""
+    rest = dict(app)
+    return rest.pop("import_path", None), rest
+
+
 class GeneratingCluster(ServeCluster):
     """ServeCluster that is ready when it generates (configs without /readyz count too)."""
 
@@ -147,8 +154,7 @@ def ours(
     model: Path, args: argparse.Namespace, env: dict[str, str], app: dict[str, Any]
 ) -> tuple[str, Callable[[], None]]:
     """Start a private Ray cluster serving build_app; (base URL, stopper)."""
-    app = dict(app)
-    builder = app.pop("import_path", None)  # another app builder (devkit.direct_streaming)
+    builder, app = split_builder(app)
     cluster = GeneratingCluster(
         import_path=builder or ServeCluster.import_path,
         app_args={
