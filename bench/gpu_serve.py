@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +126,26 @@ def stop_proc(proc: subprocess.Popen) -> None:
 PLAIN = "plain vLLM OpenAI server"
 
 
-def bench_target(label: str, base: str, key: str | None, args: argparse.Namespace) -> list[dict]:
-    """Our client at each concurrency, then (with --vllm-bench) `vllm bench serve` too."""
+def bench_target(
+    label: str, base: str, key: str | None, args: argparse.Namespace, add: Callable[[dict], None]
+) -> list[dict]:
+    """Our client at each concurrency, then (with --vllm-bench) `vllm bench serve` too; each
+    level's row goes to `add` as soon as it is measured, so a later level that stalls (it
+    fails after --level-timeout-s) loses only itself."""
     prompt = text.corpus(460)
     rows = []
     for conc in args.concurrency:
-        row = asyncio.run(load(base, key, conc, max(8, 4 * conc), args.tokens, prompt))
+        measure = load(base, key, conc, max(8, 4 * conc), args.tokens, prompt)
+        try:
+            row = asyncio.run(asyncio.wait_for(measure, args.level_timeout_s))
+        except TimeoutError:
+            raise TimeoutError(f"{conc} streams took over {args.level_timeout_s:.0f} s") from None
         row["target"] = label
         if args.vllm_bench:
             row["vllm_bench"] = run_vllm_bench(label, base, key, conc, args)
         print(json.dumps(row), flush=True)
         rows.append(row)
+        add(row)
     if args.profile_s:
         result = profile_under_load(base, key, rows, args, prompt)
         print(json.dumps({"profile": label, **result})[:4000], flush=True)
@@ -185,7 +195,9 @@ def run_vllm_bench(
         output_len=args.tokens,
     )
     try:
-        return vllm_bench.run(cmd, key, args.vllm_bench_dir / result, timeout_s=900)
+        return vllm_bench.run(
+            cmd, key, args.vllm_bench_dir / result, timeout_s=args.level_timeout_s
+        )
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         return {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
 
@@ -213,6 +225,7 @@ def run_ours(
     app: dict[str, Any],
     args: argparse.Namespace,
     result: dict[str, Any],
+    add: Callable[[dict], None],
 ) -> None:
     t0 = time.monotonic()
     builder, app = split_builder(app)
@@ -234,7 +247,7 @@ def run_ours(
     try:
         cluster.start(timeout_s=args.start_timeout_s)
         result["startup_s"][label] = round(time.monotonic() - t0, 1)
-        result["rows"] += bench_target(label, cluster.base_url, API_KEY, args)
+        bench_target(label, cluster.base_url, API_KEY, args, add)
     except Exception as exc:  # recorded, then the next server still runs
         result["errors"][label] = f"{type(exc).__name__}: {str(exc)[-2500:]}"
         logs = cluster.logs_text("*.log") if cluster.temp_dir else ""
@@ -277,6 +290,12 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--start-timeout-s", type=float, default=420)
     parser.add_argument("--deadline-s", type=float, default=560)
+    parser.add_argument(
+        "--level-timeout-s",
+        type=float,
+        default=150,
+        help="one concurrency level of one client may take this long before it fails",
+    )
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--variant", type=parse_variant, action="append", default=[])
     parser.add_argument(
@@ -318,6 +337,10 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
+    def add(row: dict[str, Any]) -> None:
+        result["rows"].append(row)
+        save()
+
     def time_left(label: str) -> bool:
         left = args.deadline_s - (time.monotonic() - started)
         if left < 200:
@@ -338,7 +361,7 @@ def main() -> None:
             continue
         if label != PLAIN:
             result["variants"][label] = {"env": env, "args": app}
-            run_ours(label, env, app, args, result)
+            run_ours(label, env, app, args, result, add)
             save()
             continue
         t0 = time.monotonic()
@@ -346,7 +369,7 @@ def main() -> None:
             proc, base = plain_vllm(args.model, args, args.log_dir / "vllm_server.log")
             result["startup_s"]["plain"] = round(time.monotonic() - t0, 1)
             try:
-                result["rows"] += bench_target(PLAIN, base, None, args)
+                bench_target(PLAIN, base, None, args, add)
             finally:
                 stop_proc(proc)
         except Exception as exc:
