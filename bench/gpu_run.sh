@@ -15,7 +15,8 @@
 #   bench/gpu_run.sh pair [VARIANT]   # both in one call, at 1 and 64 streams unless
 #                               # GPU_CONCURRENCY says otherwise (for a sitting with little
 #                               # device time); with a variant: plain vLLM and that variant
-#   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|direct-streaming|NAME=KEY=VALUE,...
+#   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|direct-streaming|
+#                            ray-direct-streaming|NAME=KEY=VALUE,...
 #                               # one more configuration of ours (Ray env KEY, else a build_app
 #                               # arg; import_path=module:builder replaces build_app)
 #   bench/gpu_run.sh search [plain layerwise search published]   # a plain job, a layer-by-
@@ -27,9 +28,10 @@
 # with py-spy for 20 s at 64 streams after each server's levels (bench/devkit/pyspy.py).
 # "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS, throughput-
 # optimized Ray Serve); the variants are direct ingress on, the mode off (Ray's defaults),
-# the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC, and
-# Ray's direct streaming: the engine replica serving vLLM's own app behind HAProxy, with no
-# ingress of ours (no API keys: a measurement of the ingress hop, not a way to serve).
+# the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC,
+# direct streaming (the engine replica serving vLLM's own app behind HAProxy, with our keys
+# and routes: nvfp4_serve.direct), and Ray's own builder in that mode (no API keys: a
+# measurement of what ours adds, not a way to serve).
 # Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,12 +88,16 @@ variant_spec() {
     direct-ingress) echo "direct-ingress=RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
     mode-off) echo "mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
     proxy-actor) echo "proxy-actor=RAY_SERVE_PROXY_USE_GRPC=0" ;;
-    # The engine replica as the ingress, behind HAProxy (bench/devkit/direct_streaming.py).
+    # The engine replica as the ingress, behind HAProxy: ours (nvfp4_serve.direct), and
+    # Ray's own builder without our keys and routes (bench/devkit/direct_streaming.py).
     direct-streaming)
+        echo "direct-streaming=RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1" ;;
+    ray-direct-streaming)
         local env="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1"
-        echo "direct-streaming=$env,import_path=devkit.direct_streaming:build_app" ;;
+        echo "ray-direct-streaming=$env,import_path=devkit.direct_streaming:build_app" ;;
     *=*) echo "$1" ;;
-    *) echo "variant: direct-ingress, mode-off, proxy-actor, direct-streaming or NAME=KEY=VALUE,..." >&2
+    *) echo "variant: direct-ingress, mode-off, proxy-actor, direct-streaming," \
+            "ray-direct-streaming or NAME=KEY=VALUE,..." >&2
        exit 2 ;;
     esac
 }

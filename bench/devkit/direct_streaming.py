@@ -1,11 +1,10 @@
-"""Ray Serve LLM's direct streaming on our engine config, for measuring the ingress hop.
+"""Ray Serve LLM's direct streaming on our engine config, with Ray's own LLMServer.
 
-With `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` (Ray 2.58 and 2.60) the engine replica is
-the ingress: it serves vLLM's own OpenAI app, so a request goes Serve proxy -> engine
-replica, with no ingress deployment between them and no stream batching. Ray allows it
-only with its default ingress, so this builder has none of ours: no API keys, no /healthz
-or /readyz, no model aliases. It measures what our endpoint would gain without the hop
-(`bench/gpu_run.sh variant direct-streaming`); it is not a way to serve.
+With `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` the engine replica is the ingress and
+serves vLLM's own OpenAI app; build_app then serves it with our keys, health routes and
+aliases added (nvfp4_serve.direct). This builder leaves them out: no API keys, no /healthz
+or /readyz, no model aliases. It measures what ours add to the mode
+(`bench/gpu_run.sh variant ray-direct-streaming`); it is not a way to serve.
 """
 
 from __future__ import annotations
@@ -26,4 +25,4 @@ def build_app(args: dict[str, Any]) -> Application:
     serve_args = load_args(get_settings(), {**args, "first_chunk_now": False})
     local = resolve_local(serve_args.model)
     config = llm_config(serve_args, inspect_checkpoint(local) if local else None)
-    return build_openai_app({"llm_configs": [config]})
+    return build_openai_app({"llm_configs": [config.model_copy(update={"server_cls": None})]})

@@ -10,6 +10,7 @@ ingress that adds API keys and health routes.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ray.serve.deployment import Application
@@ -17,10 +18,11 @@ from ray.serve.llm import LLMConfig, build_openai_app
 
 from nvfp4_common.checkpoint_files import check_folder
 from nvfp4_common.meminfo import read_meminfo
-from nvfp4_common.serving import SETTING_PREFIX
+from nvfp4_common.serving import DIRECT_STREAMING_ENV, SETTING_PREFIX
 from nvfp4_common.settings import Settings, get_settings
 from nvfp4_serve.checkpoint import Checkpoint, CheckpointError, inspect_checkpoint, resolve_local
 from nvfp4_serve.config import ServeArgs, load_args
+from nvfp4_serve.direct import direct_options
 from nvfp4_serve.preflight import GIB, plan_memory
 from nvfp4_serve.ray_hooks import log_missing_hooks
 
@@ -75,6 +77,12 @@ def setting_env(name: str) -> str:
     return f"{Settings.model_config.get('env_prefix', '')}{SETTING_PREFIX}{name}".upper()
 
 
+def direct_streaming() -> bool:
+    """Whether Ray Serve LLM serves through the engine replica with no ingress deployment
+    (Ray's own switch, read the way Ray reads it: nvfp4_serve.direct)."""
+    return os.environ.get(DIRECT_STREAMING_ENV, "0") == "1"
+
+
 def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
     """The Ray Serve LLM config for `args` (exposed for tests and the CLI)."""
     max_len = _effective_max_len(args, ckpt)
@@ -95,7 +103,14 @@ def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
     else:
         deployment = {"num_replicas": args.num_replicas}
     extra: dict[str, Any] = {}
-    if args.first_chunk_now:
+    experimental: dict[str, Any] = {"stream_batching_interval_ms": args.stream_batching_interval_ms}
+    if direct_streaming():
+        # The engine replica is the ingress: it takes our keys, health routes and aliases.
+        extra["server_cls"] = "nvfp4_serve.direct:LLMServer"
+        experimental.update(
+            direct_options(args.api_key_file, args.readiness_prompt, args.model_aliases)
+        )
+    elif args.first_chunk_now:
         extra["server_cls"] = "nvfp4_serve.server:LLMServer"
     if args.accelerator == "cpu":
         # Without this Ray Serve LLM asks for GPUs and the replica never schedules.
@@ -111,7 +126,7 @@ def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
         },
         engine_kwargs=engine,
         deployment_config=deployment,
-        experimental_configs={"stream_batching_interval_ms": args.stream_batching_interval_ms},
+        experimental_configs=experimental,
         **extra,
     )
 
@@ -156,6 +171,8 @@ def build_app_with(settings: Settings, args: dict[str, Any] | None) -> Applicati
         config.engine_kwargs["max_model_len"],
         serve_args.accelerator,
     )
+    if direct_streaming():
+        return build_openai_app({"llm_configs": [config]})
     return build_openai_app(
         {
             "llm_configs": [config],

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +108,17 @@ class Readiness:
         if self.ready:
             return 200, {"status": "ready", "ready_after_s": self.ready_after_s}
         return 503, {"status": "starting", "reason": self.last_error}
+
+
+def one_token_text(response: Any) -> str:
+    """The text of a 1-token, non-streamed completion as Ray's LLM server yields it;
+    raises when it is an error or holds no token."""
+    data = response.model_dump() if hasattr(response, "model_dump") else response
+    if isinstance(data, list):  # batched stream chunks
+        data = data[0].model_dump()
+    if "error" in data and data["error"]:
+        raise RuntimeError(str(data["error"]))
+    usage = data.get("usage") or {}
+    if usage.get("completion_tokens", 0) < 1:
+        raise RuntimeError(f"engine returned no token: {data}")
+    return str(data["choices"][0]["text"])

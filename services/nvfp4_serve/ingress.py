@@ -37,7 +37,7 @@ from nvfp4_serve.errors import (
     chat_messages_problem,
     validation_error_body,
 )
-from nvfp4_serve.health import Readiness, ReplicaCount
+from nvfp4_serve.health import Readiness, ReplicaCount, one_token_text
 from nvfp4_serve.ray_hooks import IngressHooks, serve_details
 
 logger = logging.getLogger(__name__)
@@ -143,15 +143,7 @@ class NVFP4Ingress(IngressHooks):
             model=self._probe_model, prompt=self._probe_prompt, max_tokens=1, stream=False
         )
         async for response in self.responses(body, "completions"):
-            data = response.model_dump() if hasattr(response, "model_dump") else response
-            if isinstance(data, list):  # batched stream chunks
-                data = data[0].model_dump()
-            if "error" in data and data["error"]:
-                raise RuntimeError(str(data["error"]))
-            usage = data.get("usage") or {}
-            if usage.get("completion_tokens", 0) < 1:
-                raise RuntimeError(f"engine returned no token: {data}")
-            return str(data["choices"][0]["text"])
+            return one_token_text(response)
         raise RuntimeError("engine returned nothing")
 
     async def _engine_replicas(self) -> tuple[int, int]:

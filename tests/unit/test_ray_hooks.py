@@ -23,6 +23,7 @@ HOOK_NAMES = {
     "_get_batch_interval_ms",
     "_get_global_client",
     "get_serve_details",
+    "__serve_build_asgi_app__",
 }
 
 # Runs in .venv-serve: Ray Serve LLM cannot be imported in .venv.
@@ -33,7 +34,9 @@ from ray.serve._private.http_util import ASGIAppReplicaWrapper
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 from nvfp4_serve import ray_hooks
-from nvfp4_serve.ray_hooks import HOOKS, IngressHooks, LLMServerHooks, hook_problem
+from nvfp4_serve.ray_hooks import (
+    HOOKS, DirectServerHooks, IngressHooks, LLMServerHooks, hook_problem,
+)
 
 out = {"names": sorted(h.name for h in HOOKS)}
 out["problems"] = [hook_problem(h) for h in HOOKS if h.params is not None]
@@ -73,6 +76,7 @@ out["overridden"] = [
     IngressHooks._set_asgi_app is not ASGIAppReplicaWrapper._set_asgi_app,
     IngressHooks._get_response is not OpenAiIngress._get_response,
     LLMServerHooks._batch_output_stream is not LLMServer._batch_output_stream,
+    DirectServerHooks.__serve_build_asgi_app__ is not LLMServer.__serve_build_asgi_app__,
 ]
 print("HOOKS " + json.dumps(out))
 """
@@ -87,11 +91,11 @@ def test_every_hook_exists_in_the_installed_ray_with_the_expected_signature() ->
     lines = [x for x in proc.stdout.splitlines() if x.startswith("HOOKS ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[0][len("HOOKS ") :])
-    assert set(out["names"]) == HOOK_NAMES and len(out["names"]) == 7
-    assert out["problems"] == [None] * 6
+    assert set(out["names"]) == HOOK_NAMES and len(out["names"]) == 8
+    assert out["problems"] == [None] * 7
     assert out["instance_problems"] == [None]
     assert out["engine_handles_ok"] is True
-    assert out["overridden"] == [True, True, True]
+    assert out["overridden"] == [True, True, True, True]
     assert out["seen"] == {
         "add_to_app": True,
         "asgi_app_set": True,

@@ -33,6 +33,10 @@ env:
     value: "0"
   - name: RAY_SERVE_PROXY_USE_GRPC
     value: "1"
+  - name: RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
+    value: {{ ternary "1" "0" $ctx.Values.ray.directStreaming | quote }}
+  - name: RAY_SERVE_ENABLE_HA_PROXY
+    value: {{ ternary "1" "0" $ctx.Values.ray.directStreaming | quote }}
   {{- with $ctx.Values.ray.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

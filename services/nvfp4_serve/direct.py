@@ -1,0 +1,149 @@
+"""Direct streaming: the engine replica serves vLLM's own OpenAI app, with our API keys,
+/healthz, /readyz and model aliases added to it.
+
+With `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` (which needs HAProxy,
+`RAY_SERVE_ENABLE_HA_PROXY=1`) Ray Serve LLM builds no ingress deployment: HAProxy hands
+each request to an engine replica, which answers with vLLM's FastAPI app. That removes
+the ingress hop and Ray's stream batching (an H100 at 1 and 16 streams: within 0.3% of
+plain vLLM's tok/s and +3 ms to first token, against +10 ms with an ingress;
+docs/benchmarks.md). Ray allows no ingress of ours in this mode, so what NVFP4Ingress
+adds is added to vLLM's app here, when Ray builds it in the replica.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray.serve.llm.openai_api_models import CompletionRequest
+
+from nvfp4_common.settings import get_settings
+from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, Scope, require_keys
+from nvfp4_serve.errors import OpenAIErrorBodies
+from nvfp4_serve.health import Readiness, one_token_text
+from nvfp4_serve.ray_hooks import DirectServerHooks
+
+logger = logging.getLogger(__name__)
+
+# Where build_app leaves this module's options in the LLMConfig: plain values only (a
+# key file's path, never a key), which Ray stores with the deployment's config.
+OPTIONS = "nvfp4_direct"
+
+
+def direct_options(
+    api_key_file: Path | None, readiness_prompt: str, model_aliases: list[str]
+) -> dict[str, Any]:
+    return {
+        OPTIONS: {
+            "api_key_file": str(api_key_file) if api_key_file else None,
+            "readiness_prompt": readiness_prompt,
+            "model_aliases": list(model_aliases),
+        }
+    }
+
+
+class ModelAliases:
+    """Pure ASGI middleware: a POST whose JSON body names an alias is passed on naming the
+    served model (what NVFP4Ingress does to the parsed body; here vLLM parses it)."""
+
+    def __init__(self, app: Any, aliases: dict[str, str]) -> None:
+        self.app = app
+        self.aliases = aliases
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        body = self.resolved(body)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # vLLM watches for the client disconnecting
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def resolved(self, body: bytes) -> bytes:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body  # vLLM answers the bad JSON
+        if not isinstance(data, dict) or data.get("model") not in self.aliases:
+            return body
+        return json.dumps({**data, "model": self.aliases[data["model"]]}).encode()
+
+
+class LLMServer(DirectServerHooks):
+    """Ray's LLMServer as the ingress: vLLM's app plus what our ingress would add. It keeps
+    Ray's class name, so the deployment is still `LLMServer:<model id>`, the name Serve
+    config overrides and `nvfp4ctl` address."""
+
+    def extend_app(self, app: FastAPI) -> FastAPI:
+        # This process's root logger passes only warnings (the engine replica's logging is
+        # set up for vLLM's logger); the key and readiness lines are INFO, as in the ingress.
+        logging.getLogger("nvfp4_serve").setLevel(logging.INFO)
+        options = self._llm_config.experimental_configs.get(OPTIONS, {})
+        settings = get_settings()
+        key_file = options.get("api_key_file")
+        # Read here, in the replica, from its own environment and mounts (as the ingress
+        # does): keys passed as options would be stored in Ray's GCS and dashboard.
+        keys = KeyStore(
+            (k.get_secret_value() for k in settings.serve_api_keys),
+            Path(key_file) if key_file else None,
+        )
+        require_keys(keys, settings.env)
+        enforce = keys.configured or settings.env == "production"
+        model = self._llm_config.model_id
+        self._probe_prompt = options.get("readiness_prompt", "Hello")
+        self.readiness = Readiness(self._generate_one_token)
+        self.readiness.start()
+        app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
+        # vLLM's build_app has built the middleware stack already; Starlette builds it
+        # again, with ours, on the first request.
+        app.middleware_stack = None
+        aliases = {a: model for a in options.get("model_aliases", ()) if a != model}
+        if aliases:
+            app.add_middleware(ModelAliases, aliases=aliases)
+        app.add_middleware(OpenAIErrorBodies)
+        # Added last, so it is the outermost layer: a request without a valid key
+        # reaches none of vLLM's handlers.
+        app.add_middleware(ApiKeyMiddleware, store=keys, enforce=enforce)
+        logger.info(
+            "direct streaming: %d API key(s), keys %s; /healthz and /readyz open",
+            keys.count(),
+            "required" if enforce else "NOT required (development)",
+        )
+        return app
+
+    async def _generate_one_token(self) -> str:
+        body = CompletionRequest(
+            model=self._llm_config.model_id,
+            prompt=self._probe_prompt,
+            max_tokens=1,
+            stream=False,
+        )
+        async for response in await self.completions(body):
+            return one_token_text(response)
+        raise RuntimeError("engine returned nothing")
+
+    async def _healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    async def _readyz(self) -> JSONResponse:
+        code, body = self.readiness.status()
+        return JSONResponse(body, status_code=code)
