@@ -16,7 +16,7 @@
 #                               # GPU_CONCURRENCY says otherwise (for a sitting with little
 #                               # device time); with a variant: plain vLLM and that variant
 #   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|direct-streaming|
-#                            ray-direct-streaming|NAME=KEY=VALUE,...
+#                            ray-direct-streaming|direct-no-router|NAME=KEY=VALUE,...
 #                               # one more configuration of ours (Ray env KEY, else a build_app
 #                               # arg; import_path=module:builder replaces build_app)
 #   bench/gpu_run.sh search [plain layerwise search published]   # a plain job, a layer-by-
@@ -30,8 +30,9 @@
 # optimized Ray Serve); the variants are direct ingress on, the mode off (Ray's defaults),
 # the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC,
 # direct streaming (the engine replica serving vLLM's own app behind HAProxy, with our keys
-# and routes: nvfp4_serve.direct), and Ray's own builder in that mode (no API keys: a
-# measurement of what ours adds, not a way to serve).
+# and routes: nvfp4_serve.direct), Ray's own builder in that mode (no API keys: a
+# measurement of what ours adds, not a way to serve), and ours without Ray's request router
+# between HAProxy and the replicas.
 # Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,9 +96,13 @@ variant_spec() {
     ray-direct-streaming)
         local env="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1"
         echo "ray-direct-streaming=$env,import_path=devkit.direct_streaming:build_app" ;;
+    # Ours, without Ray's request router in front of the replicas (bench/devkit/direct_no_router.py).
+    direct-no-router)
+        local env="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1"
+        echo "direct-no-router=$env,import_path=devkit.direct_no_router:build_app" ;;
     *=*) echo "$1" ;;
     *) echo "variant: direct-ingress, mode-off, proxy-actor, direct-streaming," \
-            "ray-direct-streaming or NAME=KEY=VALUE,..." >&2
+            "ray-direct-streaming, direct-no-router or NAME=KEY=VALUE,..." >&2
        exit 2 ;;
     esac
 }
