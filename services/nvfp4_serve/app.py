@@ -4,7 +4,8 @@ Used as `import_path: nvfp4_serve.app:build_app` by `serve run`, `serve deploy` 
 KubeRay's serveConfigV2. Ray Serve LLM's `build_openai_app` does the real work (the
 OpenAI routes, streaming, replicas, autoscaling); this module turns our settings
 into its LLMConfig, checks the checkpoint and the memory first, and swaps in an
-ingress that adds API keys and health routes.
+ingress that adds API keys and health routes (with direct streaming on, the engine
+replica adds them to vLLM's app instead: nvfp4_serve.direct).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def setting_env(name: str) -> str:
 
 def direct_streaming() -> bool:
     """Whether Ray Serve LLM serves through the engine replica with no ingress deployment
-    (Ray's own switch, read the way Ray reads it: nvfp4_serve.direct)."""
+    (nvfp4_serve.direct); Ray's own variable, read as Ray reads it."""
     return os.environ.get(DIRECT_STREAMING_ENV, "0") == "1"
 
 

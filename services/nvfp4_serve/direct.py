@@ -12,7 +12,6 @@ adds is added to vLLM's app here, when Ray builds it in the replica.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from fastapi.responses import JSONResponse
 from ray.serve.llm.openai_api_models import CompletionRequest
 
 from nvfp4_common.settings import get_settings
-from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, Scope, require_keys
+from nvfp4_serve.aliases import ModelAliases
+from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, require_keys
 from nvfp4_serve.errors import OpenAIErrorBodies
 from nvfp4_serve.health import Readiness, one_token_text
 from nvfp4_serve.ray_hooks import DirectServerHooks
@@ -44,47 +44,6 @@ def direct_options(
             "model_aliases": list(model_aliases),
         }
     }
-
-
-class ModelAliases:
-    """Pure ASGI middleware: a POST whose JSON body names an alias is passed on naming the
-    served model (what NVFP4Ingress does to the parsed body; here vLLM parses it)."""
-
-    def __init__(self, app: Any, aliases: dict[str, str]) -> None:
-        self.app = app
-        self.aliases = aliases
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            await self.app(scope, receive, send)
-            return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending it all
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        body = self.resolved(body)
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # vLLM watches for the client disconnecting
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    def resolved(self, body: bytes) -> bytes:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return body  # vLLM answers the bad JSON
-        if not isinstance(data, dict) or data.get("model") not in self.aliases:
-            return body
-        return json.dumps({**data, "model": self.aliases[data["model"]]}).encode()
 
 
 class LLMServer(DirectServerHooks):

@@ -3,7 +3,8 @@
 Ray Serve LLM offers no public way to add routes to its OpenAI app, to wrap its response
 stream or to replace its stream batcher, so the classes below override six private
 attributes and give the rest of nvfp4_serve public-named methods instead
-(`add_to_app`, `responses`/`ray_responses`, `engine_handle`, `batch_stream`); and
+(`add_to_app`, `responses`/`ray_responses`, `engine_handle`, `batch_stream`,
+`extend_app`); and
 Serve's one public status call costs too much to poll (`serve_details` reads the same
 details without it). No other module touches a private Ray name.
 
