@@ -178,29 +178,26 @@ def test_serve_runs_ray_serve_with_the_shared_env_defaults(rendered: dict[str, A
     assert ray_serve_env(rendered) == RAY_ENV_DEFAULTS
 
 
-def test_throughput_optimized_serve_can_be_turned_off(tmp_path: Path) -> None:
+def serve_env_with(tmp_path: Path, **variables: str) -> dict[str, str]:
+    """The serve container's RAY_SERVE_* variables with `variables` set (as in .env)."""
     out = subprocess.run(
         [_compose(), "-f", str(COMPOSE_FILE), "config"],
-        env=_env(tmp_path, NVFP4_RAY_SERVE_THROUGHPUT_OPTIMIZED="0"),
+        env=_env(tmp_path, **variables),
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     )
-    env = ray_serve_env(yaml.safe_load(out.stdout))
+    return ray_serve_env(yaml.safe_load(out.stdout))
+
+
+def test_throughput_optimized_serve_can_be_turned_off(tmp_path: Path) -> None:
+    env = serve_env_with(tmp_path, NVFP4_RAY_SERVE_THROUGHPUT_OPTIMIZED="0")
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
 
 
 def test_direct_streaming_is_one_switch(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [_compose(), "-f", str(COMPOSE_FILE), "config"],
-        env=_env(tmp_path, NVFP4_DIRECT_STREAMING="1"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    env = ray_serve_env(yaml.safe_load(out.stdout))
+    env = serve_env_with(tmp_path, NVFP4_DIRECT_STREAMING="1")
     assert env == {**RAY_ENV_DEFAULTS, **RAY_ENV_DIRECT_STREAMING}
 
 
