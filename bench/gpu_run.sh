@@ -16,7 +16,7 @@
 #                               # GPU_CONCURRENCY says otherwise (for a sitting with little
 #                               # device time); with a variant: plain vLLM and that variant
 #   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|direct-streaming|
-#                            ray-direct-streaming|direct-no-router|NAME=KEY=VALUE,...
+#                            ray-direct-streaming|NAME=KEY=VALUE,...
 #                               # one more configuration of ours (Ray env KEY, else a build_app
 #                               # arg; import_path=module:builder replaces build_app)
 #   bench/gpu_run.sh search [plain layerwise search published]   # a plain job, a layer-by-
@@ -30,9 +30,8 @@
 # optimized Ray Serve); the variants are direct ingress on, the mode off (Ray's defaults),
 # the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC,
 # direct streaming (the engine replica serving vLLM's own app behind HAProxy, with our keys
-# and routes: nvfp4_serve.direct), Ray's own builder in that mode (no API keys: a
-# measurement of what ours adds, not a way to serve), and ours without Ray's request router
-# between HAProxy and the replicas.
+# and routes: nvfp4_serve.direct), and Ray's own builder in that mode (its request router
+# between HAProxy and the replicas, no API keys: a measurement, not a way to serve).
 # Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,19 +89,16 @@ variant_spec() {
     mode-off) echo "mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
     proxy-actor) echo "proxy-actor=RAY_SERVE_PROXY_USE_GRPC=0" ;;
     # The engine replica as the ingress, behind HAProxy: ours (nvfp4_serve.direct), and
-    # Ray's own builder without our keys and routes (bench/devkit/direct_streaming.py).
+    # Ray's own builder, with its request router and without our keys and routes
+    # (bench/devkit/direct_streaming.py).
     direct-streaming)
         echo "direct-streaming=RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1" ;;
     ray-direct-streaming)
         local env="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1"
         echo "ray-direct-streaming=$env,import_path=devkit.direct_streaming:build_app" ;;
-    # Ours, without Ray's request router in front of the replicas (bench/devkit/direct_no_router.py).
-    direct-no-router)
-        local env="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1"
-        echo "direct-no-router=$env,import_path=devkit.direct_no_router:build_app" ;;
     *=*) echo "$1" ;;
     *) echo "variant: direct-ingress, mode-off, proxy-actor, direct-streaming," \
-            "ray-direct-streaming, direct-no-router or NAME=KEY=VALUE,..." >&2
+            "ray-direct-streaming or NAME=KEY=VALUE,..." >&2
        exit 2 ;;
     esac
 }

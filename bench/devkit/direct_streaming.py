@@ -1,9 +1,10 @@
-"""Ray Serve LLM's direct streaming on our engine config, with Ray's own LLMServer.
+"""Ray Serve LLM's own builder for direct streaming, on our engine config.
 
 With `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` the engine replica is the ingress and
-serves vLLM's own OpenAI app; build_app then serves it with our keys, health routes and
-aliases added (nvfp4_serve.direct). This builder leaves them out: no API keys, no /healthz
-or /readyz, no model aliases. It measures what ours add to the mode
+serves vLLM's own OpenAI app. build_app serves that deployment alone behind HAProxy, with
+our keys, health routes and aliases (nvfp4_serve.direct); Ray's builder puts its request
+router (`LLMRouter`) between HAProxy and the replicas and adds nothing of ours: no API
+keys, no /healthz or /readyz, no model aliases. It measures the difference
 (`bench/gpu_run.sh variant ray-direct-streaming`); it is not a way to serve.
 """
 
@@ -21,8 +22,8 @@ from nvfp4_serve.config import load_args
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    # Ray's own LLMServer: our first-chunk batcher has no stream to batch here.
-    serve_args = load_args(get_settings(), {**args, "first_chunk_now": False})
+    serve_args = load_args(get_settings(), args)
     local = resolve_local(serve_args.model)
     config = llm_config(serve_args, inspect_checkpoint(local) if local else None)
-    return build_openai_app({"llm_configs": [config.model_copy(update={"server_cls": None})]})
+    # In this mode llm_config names no server class of ours: Ray's LLMServer serves.
+    return build_openai_app({"llm_configs": [config]})

@@ -49,9 +49,11 @@ RAY_ENV_DEFAULTS: dict[str, str] = {
 }
 # Direct streaming on: the engine replica is the ingress, behind Ray's HAProxy, and serves
 # vLLM's own app, to which nvfp4_serve.direct adds our keys, health routes and aliases.
-# No ingress hop and no stream batching: on an H100 within 0.3% of plain vLLM's tok/s and
-# +3 to +8 ms to first token at 1 and 16 streams, but 0.92-0.96x at 64 (docs/serving.md),
-# so it is opt-in: compose NVFP4_DIRECT_STREAMING=1, Helm ray.directStreaming.
+# No ingress hop and no stream batching: Ray's builder for the mode came within 0.3% of
+# plain vLLM's tok/s and +3 to +8 ms to first token at 1 and 16 streams on an H100, but
+# 0.92-0.96x at 64; build_app's path (without Ray's request router) is not measured on a
+# GPU yet (docs/serving.md), so it is opt-in: compose NVFP4_DIRECT_STREAMING=1, Helm
+# ray.directStreaming.
 DIRECT_STREAMING_ENV = "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"
 RAY_ENV_DIRECT_STREAMING: dict[str, str] = {
     DIRECT_STREAMING_ENV: "1",

@@ -14,8 +14,9 @@ import logging
 import os
 from typing import Any
 
+from ray import serve
 from ray.serve.deployment import Application
-from ray.serve.llm import LLMConfig, build_openai_app
+from ray.serve.llm import LLMConfig, build_llm_deployment, build_openai_app
 
 from nvfp4_common.checkpoint_files import check_folder
 from nvfp4_common.meminfo import read_meminfo
@@ -23,6 +24,7 @@ from nvfp4_common.serving import DIRECT_STREAMING_ENV, SETTING_PREFIX
 from nvfp4_common.settings import Settings, get_settings
 from nvfp4_serve.checkpoint import Checkpoint, CheckpointError, inspect_checkpoint, resolve_local
 from nvfp4_serve.config import ServeArgs, load_args
+from nvfp4_serve.direct import LLMServer as DirectLLMServer
 from nvfp4_serve.direct import direct_options
 from nvfp4_serve.preflight import GIB, plan_memory
 from nvfp4_serve.ray_hooks import log_missing_hooks
@@ -106,8 +108,8 @@ def llm_config(args: ServeArgs, ckpt: Checkpoint | None) -> LLMConfig:
     extra: dict[str, Any] = {}
     experimental: dict[str, Any] = {"stream_batching_interval_ms": args.stream_batching_interval_ms}
     if direct_streaming():
-        # The engine replica is the ingress: it takes our keys, health routes and aliases.
-        extra["server_cls"] = "nvfp4_serve.direct:LLMServer"
+        # The engine replica is the ingress (build_app_with): it takes our keys, health
+        # routes and aliases.
         experimental.update(
             direct_options(args.api_key_file, args.readiness_prompt, args.model_aliases)
         )
@@ -173,7 +175,11 @@ def build_app_with(settings: Settings, args: dict[str, Any] | None) -> Applicati
         serve_args.accelerator,
     )
     if direct_streaming():
-        return build_openai_app({"llm_configs": [config]})
+        # The engine deployment is the ingress, behind HAProxy, which balances its replicas
+        # itself (least connections). Ray's builder for the mode would put its request
+        # router, a deployment HAProxy asks for every request, in between: one more hop
+        # per request (docs/serving.md).
+        return build_llm_deployment(config, deployment_cls=serve.ingress()(DirectLLMServer))
     return build_openai_app(
         {
             "llm_configs": [config],

@@ -1,7 +1,7 @@
-"""Direct streaming for real: Ray Serve LLM with RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1
-behind Ray's HAProxy, the engine replica serving vLLM's own app (vLLM's CPU build, an
-NVFP4 checkpoint made by the worker's code), with our keys, health routes and aliases
-added to that app by nvfp4_serve.direct.
+"""Direct streaming for real: RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 behind Ray's HAProxy,
+the engine replica serving vLLM's own app (vLLM's CPU build, an NVFP4 checkpoint made by
+the worker's code), with our keys, health routes and aliases added to that app by
+nvfp4_serve.direct.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def client(cluster: ServeCluster) -> openai.OpenAI:
 def test_the_engine_replica_is_the_ingress_and_answers_health_and_readiness(
     cluster: ServeCluster,
 ) -> None:
-    # No ingress deployment of ours: the engine and Ray's request router only.
+    # The engine deployment alone: no ingress, no request router in front of it.
     deployments = set(cluster.app_status()["deployments"])
-    assert deployments == {f"LLMServer:{MODEL}", "LLMRouter"}, deployments
+    assert deployments == {f"LLMServer:{MODEL}"}, deployments
     assert httpx.get(f"{cluster.base_url}/healthz").json() == {"status": "alive"}
     ready = httpx.get(f"{cluster.base_url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
