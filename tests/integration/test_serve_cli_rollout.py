@@ -19,6 +19,7 @@ import pytest
 from nvfp4_admin.serve_config import apps_on_route
 from nvfp4_common.jobs import JobResult, JobSpec
 from nvfp4_common.queue import JobQueue
+from nvfp4_common.serving import DIRECT_STREAMING_ENV, RAY_ENV_DIRECT_STREAMING
 from nvfp4_common.settings import Settings
 from tests.serve_harness import ServeCluster, make_test_models, serve_env_available
 
@@ -33,12 +34,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_test_models(tmp_path_factory.mktemp("cli-serve-models"))
 
 
-@pytest.fixture(scope="module")
-def cluster(models: tuple[Path, Path]) -> Iterator[ServeCluster]:
+# The default path (our ingress deployment) and direct streaming (the engine replica as
+# the ingress, behind Ray's HAProxy: nvfp4_serve.direct).
+@pytest.fixture(scope="module", params=["ingress", "direct"])
+def cluster(models: tuple[Path, Path], request: pytest.FixtureRequest) -> Iterator[ServeCluster]:
     if not serve_env_available():
         pytest.fail(".venv-serve is missing: run `make install-serve`")
     bf16, _ = models
     c = ServeCluster(
+        env=RAY_ENV_DIRECT_STREAMING if request.param == "direct" else {},
         app_args={
             "model": str(bf16),
             "accelerator": "cpu",
@@ -193,7 +197,9 @@ def test_deploy_from_a_job_scale_and_rollback_without_a_failed_request(
     assert pinned.failures() == [], pinned.failures()[:5]
     # A section per replica of the live app (ingress and engine; a replica still starting
     # says so), with Serve's log lines ("INFO <time> <deployment> <replica> -- ...").
-    assert "Ingress replica" in logs and "/LLMServer:" in logs, logs
+    direct = cluster.env.get(DIRECT_STREAMING_ENV) == "1"
+    assert direct or "Ingress replica" in logs, logs
+    assert "/LLMServer:" in logs, logs
     assert " -- " in logs.split("<==", 1)[1], logs
     assert "/LLMServer:" in out, out
     # Traffic moved to the new model and back, with no gap.
