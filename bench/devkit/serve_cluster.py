@@ -48,12 +48,14 @@ def free_port() -> int:
 def haproxy_maxconn() -> int:
     """The most connections HAProxy can hold within this process's open-file limit.
 
-    HAProxy 2.8 needs about 2.5 descriptors a connection plus 36, and exits at start when
-    it cannot raise its limit that far ("Cannot raise FD limit"). Ray 2.58 asks for
-    maxconn 20000 (50,036 descriptors), more than many containers' hard limit; Ray 2.60
-    asks for 4096."""
+    HAProxy 2.8 needs about 2.5 descriptors a connection plus 36, a few more for each
+    backend server, and exits at start when it cannot raise its limit that far ("Cannot
+    raise FD limit"). Ray 2.58 asks for maxconn 20000 (50,036 descriptors), more than many
+    containers' hard limit; Ray 2.60 asks for 4096. 5% of the limit is left for the
+    servers: with none left, a reload that added a second application's replica (a
+    blue-green deploy) asked for 20,001 of 20,000 and failed."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    room = 20000 if hard == resource.RLIM_INFINITY else int((hard - 36) / 2.5)
+    room = 20000 if hard == resource.RLIM_INFINITY else int((hard * 0.95 - 36) / 2.5)
     return max(256, min(20000, room))
 
 

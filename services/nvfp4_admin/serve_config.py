@@ -44,6 +44,10 @@ def current_body(details: dict[str, Any]) -> dict[str, Any]:
     """The deploy body (ServeDeploySchema) that reproduces what is running now."""
     apps = []
     for name, app in details.get("applications", {}).items():
+        if app.get("status") == "DELETING":
+            # A replaced application still draining its replicas: Ray has dropped its
+            # config already, and a body that named it would bring it back.
+            continue
         cfg = app.get("deployed_app_config")
         if not cfg:
             raise ServeConfigError(

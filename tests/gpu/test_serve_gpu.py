@@ -1,4 +1,5 @@
-"""The serving app (Ray Serve + build_app) on a GPU: NVFP4 export, API keys, readiness."""
+"""The serving app (Ray Serve + build_app) on a GPU, with our ingress and with direct
+streaming: NVFP4 export, API keys, readiness."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nvfp4_common.serving import RAY_ENV_DIRECT_STREAMING
 from tests import serve_harness
 
 from .support import needs_cuda
@@ -21,9 +23,11 @@ pytest.importorskip("ray.serve.llm")
 KEY = "gpu-test-key"
 
 
-@pytest.fixture(scope="module")
+# Our ingress deployment (the default), and direct streaming: the engine replica as the
+# ingress behind Ray's HAProxy (nvfp4_serve.direct).
+@pytest.fixture(scope="module", params=["ingress", "direct"])
 def cluster(
-    gpu_nvfp4: Path, monkeypatch_module: pytest.MonkeyPatch
+    gpu_nvfp4: Path, monkeypatch_module: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> Iterator[serve_harness.ServeCluster]:
     ray = shutil.which("ray")
     if ray is None:
@@ -39,7 +43,10 @@ def cluster(
             "gpu_memory_utilization": 0.3,
             "engine_kwargs": {"enforce_eager": True},
         },
-        env={"NVFP4_SERVE_API_KEYS": json.dumps([KEY])},
+        env={
+            "NVFP4_SERVE_API_KEYS": json.dumps([KEY]),
+            **(RAY_ENV_DIRECT_STREAMING if request.param == "direct" else {}),
+        },
         num_cpus=8,
     ).start(timeout_s=480)
     yield c

@@ -103,6 +103,21 @@ class Prober:
         return seen
 
 
+def serve_apps(cluster: ServeCluster) -> str:
+    """Each application's status, route and whether Ray kept its config (for a failure)."""
+    try:
+        r = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=30)
+        apps = r.json().get("applications", {})
+    except Exception as e:
+        return f"(no status: {e})"
+    return json.dumps(
+        {
+            name: [a.get("status"), a.get("route_prefix"), bool(a.get("deployed_app_config"))]
+            for name, a in apps.items()
+        }
+    )
+
+
 def ctl(cluster: ServeCluster, redis_url: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NVFP4")}
     env.update(
@@ -116,7 +131,9 @@ def ctl(cluster: ServeCluster, redis_url: str, *args: str) -> str:
     run = subprocess.run(
         [str(NVFP4CTL), *args], env=env, capture_output=True, text=True, timeout=1200
     )
-    assert run.returncode == 0, f"nvfp4ctl {' '.join(args)}: {run.stdout}\n{run.stderr}"
+    assert run.returncode == 0, (
+        f"nvfp4ctl {' '.join(args)}: {run.stdout}\n{run.stderr}\n{serve_apps(cluster)}"
+    )
     return run.stdout
 
 

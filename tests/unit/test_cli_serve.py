@@ -354,6 +354,19 @@ def test_current_body_refuses_apps_deployed_from_python() -> None:
         sc.current_body(details)
 
 
+def test_current_body_leaves_out_an_app_being_deleted() -> None:
+    """A replaced application drains for a while after a switch (Ray has dropped its
+    config by then): a scale or rollback in that time must neither fail nor revive it."""
+    live = {"name": "new", "route_prefix": "/", "import_path": "nvfp4_serve.app:build_app"}
+    details = {
+        "applications": {
+            "old": {"route_prefix": "/", "status": "DELETING", "deployed_app_config": None},
+            "new": {"route_prefix": "/", "status": "RUNNING", "deployed_app_config": live},
+        }
+    }
+    assert sc.current_body(details)["applications"] == [live]
+
+
 def test_replace_apps_refuses_shared_routes() -> None:
     body = {"applications": [{"name": "a", "route_prefix": "/"}]}
     with pytest.raises(sc.ServeConfigError, match="share the route"):
