@@ -4,10 +4,11 @@
 With `RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1` (and Ray's HAProxy,
 `RAY_SERVE_ENABLE_HA_PROXY=1`) build_app serves this deployment alone, as the ingress:
 HAProxy hands each request to an engine replica, which answers with vLLM's FastAPI app.
-That removes the ingress hop and Ray's stream batching (an H100 at 1 and 16 streams:
-within 0.3% of plain vLLM's tok/s and +3 ms to first token, against +10 ms with an
-ingress; docs/benchmarks.md). There is no ingress of ours in this mode, so what
-NVFP4Ingress adds is added to vLLM's app here, when Ray builds it in the replica.
+That removes the ingress hop and Ray's stream batching (Ray's own builder for the mode,
+on an H100 at 1 and 16 streams: within 0.3% of plain vLLM's tok/s and +3 ms to first
+token, against +10 ms with an ingress; docs/serving.md). There is no ingress of ours in
+this mode, so what NVFP4Ingress adds is added to vLLM's app here, when Ray builds it in
+the replica.
 """
 
 from __future__ import annotations
