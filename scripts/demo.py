@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -142,8 +143,15 @@ def main() -> None:
         samples = ["--calib-samples", "8", "--calib-seq-len", "128"] if args.tiny else [
             "--calib-samples", "32", "--calib-seq-len", "512", "--eval-samples", "8",
             "--recipe", "nvfp4-4over6", "--max-ppl-increase", "10%"]  # fmt: skip
+        # The worker never overwrites a published checkpoint: an earlier demo run's goes
+        # first, so that `make demo` can run again.
+        name = f"{source.name}-NVFP4"
+        earlier = args.models_dir / name
+        if earlier.exists():
+            print(f"removing {earlier} (an earlier demo run's checkpoint)")
+            shutil.rmtree(earlier)
         submitted = ctl("jobs", "submit", str(source), "--calib-dataset", str(data / "calib.txt"),
-                        *samples, "--json", env=env, capture=True)  # fmt: skip
+                        "--name", name, *samples, "--json", env=env, capture=True)  # fmt: skip
         job_id = json.loads(submitted)["id"]
         ctl("jobs", "watch", job_id, env=env)
         job = json.loads(ctl("jobs", "show", job_id, "--json", env=env, capture=True))
