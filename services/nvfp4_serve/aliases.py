@@ -22,13 +22,14 @@ class ModelAliases:
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        body, more = b"", True
+        parts, more = [], True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client left before sending it all
                 return
-            body += message.get("body", b"")
+            parts.append(message.get("body", b""))
             more = message.get("more_body", False)
+        body = b"".join(parts)
         resolved = self.resolved(body)
         if resolved is not body:  # the length changed with the name
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]

@@ -96,6 +96,27 @@ def require_keys(store: KeyStore, env: str) -> None:
         logger.warning("serving WITHOUT API keys (development mode)")
 
 
+def replica_keys(static: Iterable[str], key_file: str | None, env: str) -> tuple[KeyStore, bool]:
+    """The keys of a serving replica and whether they are enforced. Called in the replica
+    with the keys of its own settings and the file its mounts hold: keys passed as init
+    args or app options would be stored in Ray's GCS and dashboard."""
+    store = KeyStore(static, Path(key_file) if key_file else None)
+    require_keys(store, env)
+    return store, store.configured or env == "production"
+
+
+def add_key_check(app: Any, store: KeyStore, enforce: bool, where: str) -> None:
+    """Keys on a FastAPI app, as its outermost middleware (add it last): a request without a
+    valid key reaches none of the app's handlers."""
+    app.add_middleware(ApiKeyMiddleware, store=store, enforce=enforce)
+    logger.info(
+        "%s: %d API key(s), keys %s; /healthz and /readyz open",
+        where,
+        store.count(),
+        "required" if enforce else "NOT required (development)",
+    )
+
+
 def error_body(
     message: str, code: str, type_: str = "invalid_request_error", param: str | None = None
 ) -> bytes:

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from ray.serve.llm.openai_api_models import CompletionRequest
 
 from nvfp4_common.settings import get_settings
 from nvfp4_serve.aliases import ModelAliases
-from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, require_keys
+from nvfp4_serve.auth import add_key_check, replica_keys
 from nvfp4_serve.errors import OpenAIErrorBodies
-from nvfp4_serve.health import Readiness, one_token_text
+from nvfp4_serve.health import Readiness, add_health_routes, one_token_text
 from nvfp4_serve.ray_hooks import DirectServerHooks
 
 logger = logging.getLogger(__name__)
@@ -58,21 +57,16 @@ class LLMServer(DirectServerHooks):
         logging.getLogger("nvfp4_serve").setLevel(logging.INFO)
         options = self._llm_config.experimental_configs.get(OPTIONS, {})
         settings = get_settings()
-        key_file = options.get("api_key_file")
-        # Read here, in the replica, from its own environment and mounts (as the ingress
-        # does): keys passed as options would be stored in Ray's GCS and dashboard.
-        keys = KeyStore(
+        keys, enforce = replica_keys(
             (k.get_secret_value() for k in settings.serve_api_keys),
-            Path(key_file) if key_file else None,
+            options.get("api_key_file"),
+            settings.env,
         )
-        require_keys(keys, settings.env)
-        enforce = keys.configured or settings.env == "production"
         model = self._llm_config.model_id
         self._probe_prompt = options.get("readiness_prompt", "Hello")
         self.readiness = Readiness(self._generate_one_token)
         self.readiness.start()
-        app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
-        app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
+        add_health_routes(app, self.readiness)
         # vLLM's build_app has built the middleware stack already; Starlette builds it
         # again, with ours, on the first request.
         app.middleware_stack = None
@@ -80,14 +74,7 @@ class LLMServer(DirectServerHooks):
         if aliases:
             app.add_middleware(ModelAliases, aliases=aliases)
         app.add_middleware(OpenAIErrorBodies)
-        # Added last, so it is the outermost layer: a request without a valid key
-        # reaches none of vLLM's handlers.
-        app.add_middleware(ApiKeyMiddleware, store=keys, enforce=enforce)
-        logger.info(
-            "direct streaming: %d API key(s), keys %s; /healthz and /readyz open",
-            keys.count(),
-            "required" if enforce else "NOT required (development)",
-        )
+        add_key_check(app, keys, enforce, "direct streaming")
         return app
 
     async def _generate_one_token(self) -> str:
@@ -100,10 +87,3 @@ class LLMServer(DirectServerHooks):
         async for response in await self.completions(body):
             return one_token_text(response)
         raise RuntimeError("engine returned nothing")
-
-    async def _healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "alive"})
-
-    async def _readyz(self) -> JSONResponse:
-        code, body = self.readiness.status()
-        return JSONResponse(body, status_code=code)

@@ -122,3 +122,19 @@ def one_token_text(response: Any) -> str:
     if usage.get("completion_tokens", 0) < 1:
         raise RuntimeError(f"engine returned no token: {data}")
     return str(data["choices"][0]["text"])
+
+
+def add_health_routes(app: Any, readiness: Readiness) -> None:
+    """/healthz (alive while the process serves) and /readyz (`readiness`) on a FastAPI app."""
+    # Imported here: this module stays importable without the serving environment.
+    from fastapi.responses import JSONResponse
+
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz() -> JSONResponse:
+        code, body = readiness.status()
+        return JSONResponse(body, status_code=code)
+
+    app.add_api_route("/healthz", healthz, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/readyz", readyz, methods=["GET"], include_in_schema=False)

@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from ray.serve.llm.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,14 +29,14 @@ from ray.serve.llm.openai_api_models import (
 from starlette.exceptions import HTTPException
 
 from nvfp4_common.settings import get_settings
-from nvfp4_serve.auth import ApiKeyMiddleware, KeyStore, error_body, require_keys
+from nvfp4_serve.auth import add_key_check, error_body, replica_keys
 from nvfp4_serve.errors import (
     OpenAIErrorBodies,
     beam_search_problem,
     chat_messages_problem,
     validation_error_body,
 )
-from nvfp4_serve.health import Readiness, ReplicaCount, one_token_text
+from nvfp4_serve.health import Readiness, ReplicaCount, add_health_routes, one_token_text
 from nvfp4_serve.ray_hooks import IngressHooks, serve_details
 
 logger = logging.getLogger(__name__)
@@ -93,15 +92,10 @@ class NVFP4Ingress(IngressHooks):
         model_aliases: list[str] | None = None,
     ) -> None:
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
-        # Keys are read here, in the replica, from its own environment and mounts:
-        # passing them as init args would store them in Ray's GCS and dashboard.
         settings = get_settings()
-        self._keys = KeyStore(
-            (k.get_secret_value() for k in settings.serve_api_keys),
-            Path(api_key_file) if api_key_file else None,
+        self._keys, self._enforce_keys = replica_keys(
+            (k.get_secret_value() for k in settings.serve_api_keys), api_key_file, settings.env
         )
-        require_keys(self._keys, settings.env)
-        self._enforce_keys = self._keys.configured or settings.env == "production"
         self._probe_model = next(iter(model_cards))
         # A client that read the old model's name just before a `serve deploy` switched
         # the route sends it to this app; answering keeps the switch free of 404s.
@@ -194,27 +188,12 @@ class NVFP4Ingress(IngressHooks):
     def _not_served(self, route: str) -> Response:
         return _error(404, f"{route} is not served: this deployment generates text", "not_found")
 
-    async def _healthz(self) -> JSONResponse:
-        return JSONResponse({"status": "alive"})
-
-    async def _readyz(self) -> JSONResponse:
-        code, body = self.readiness.status()
-        return JSONResponse(body, status_code=code)
-
     def add_to_app(self, app: Any) -> None:
         if isinstance(app, FastAPI):
-            app.add_api_route("/healthz", self._healthz, methods=["GET"], include_in_schema=False)
-            app.add_api_route("/readyz", self._readyz, methods=["GET"], include_in_schema=False)
+            add_health_routes(app, self.readiness)
             app.add_exception_handler(HTTPException, _openai_http_error)
             app.add_exception_handler(RequestValidationError, _openai_validation_error)
             for error in (AttributeError, TypeError):
                 app.add_exception_handler(error, _body_validator_crash)
             app.add_middleware(OpenAIErrorBodies)
-            # Added last, so it is the outermost layer: a request without a valid key
-            # reaches none of Ray's handlers.
-            app.add_middleware(ApiKeyMiddleware, store=self._keys, enforce=self._enforce_keys)
-            logger.info(
-                "ingress: %d API key(s), keys %s; /healthz and /readyz open",
-                self._keys.count(),
-                "required" if self._enforce_keys else "NOT required (development)",
-            )
+            add_key_check(app, self._keys, self._enforce_keys, "ingress")
