@@ -15,7 +15,7 @@
 #   bench/gpu_run.sh pair [VARIANT]   # both in one call, at 1 and 64 streams unless
 #                               # GPU_CONCURRENCY says otherwise (for a sitting with little
 #                               # device time); with a variant: plain vLLM and that variant
-#   bench/gpu_run.sh variant direct-ingress|mode-off|proxy-actor|direct-streaming|
+#   bench/gpu_run.sh variant ingress|direct-ingress|mode-off|proxy-actor|direct-streaming|
 #                            ray-direct-streaming|NAME=KEY=VALUE,...
 #                               # one more configuration of ours (Ray env KEY, else a build_app
 #                               # arg; import_path=module:builder replaces build_app)
@@ -26,12 +26,14 @@
 #
 # GPU_CONCURRENCY="1 16 64" sets the levels; PROFILE_S=20 also records every serving process
 # with py-spy for 20 s at 64 streams after each server's levels (bench/devkit/pyspy.py).
-# "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS, throughput-
-# optimized Ray Serve); the variants are direct ingress on, the mode off (Ray's defaults),
-# the proxy calling the ingress as Ray actor calls (Ray's default) instead of over gRPC,
-# direct streaming (the engine replica serving vLLM's own app behind HAProxy, with our keys
-# and routes: nvfp4_serve.direct), and Ray's own builder in that mode (its request router
-# between HAProxy and the replicas, no API keys: a measurement, not a way to serve).
+# "ours" runs with the serving defaults (nvfp4_common.serving.RAY_ENV_DEFAULTS: direct
+# streaming in throughput-optimized Ray Serve); the variants are our ingress deployment in
+# front of the engine (direct streaming off), and with it: direct ingress on, the mode off
+# (Ray's defaults), the proxy calling the ingress as Ray actor calls (Ray's default) instead
+# of over gRPC; direct streaming spelled out (the default: the engine replica serving vLLM's
+# own app behind HAProxy, with our keys and routes: nvfp4_serve.direct), and Ray's own
+# builder in that mode (its request router between HAProxy and the replicas, no API keys:
+# a measurement, not a way to serve).
 # Every level also runs `vllm bench serve` (--vllm-bench) beside our client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,11 +85,13 @@ new_serve_run() {
 }
 
 # A named variant's gpu_serve.py --variant spec (NAME=KEY=VALUE,... passes through).
+INGRESS="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=0,RAY_SERVE_ENABLE_HA_PROXY=0"
 variant_spec() {
     case "$1" in
-    direct-ingress) echo "direct-ingress=RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
-    mode-off) echo "mode-off=RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
-    proxy-actor) echo "proxy-actor=RAY_SERVE_PROXY_USE_GRPC=0" ;;
+    ingress) echo "ingress=$INGRESS" ;;
+    direct-ingress) echo "direct-ingress=$INGRESS,RAY_SERVE_ENABLE_DIRECT_INGRESS=1" ;;
+    mode-off) echo "mode-off=$INGRESS,RAY_SERVE_THROUGHPUT_OPTIMIZED=0" ;;
+    proxy-actor) echo "proxy-actor=$INGRESS,RAY_SERVE_PROXY_USE_GRPC=0" ;;
     # The engine replica as the ingress, behind HAProxy: ours (nvfp4_serve.direct), and
     # Ray's own builder, with its request router and without our keys and routes
     # (bench/devkit/direct_streaming.py).
@@ -97,7 +101,7 @@ variant_spec() {
         local env="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1,RAY_SERVE_ENABLE_HA_PROXY=1"
         echo "ray-direct-streaming=$env,import_path=devkit.direct_streaming:build_app" ;;
     *=*) echo "$1" ;;
-    *) echo "variant: direct-ingress, mode-off, proxy-actor, direct-streaming," \
+    *) echo "variant: ingress, direct-ingress, mode-off, proxy-actor, direct-streaming," \
             "ray-direct-streaming or NAME=KEY=VALUE,..." >&2
        exit 2 ;;
     esac

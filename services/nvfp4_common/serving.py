@@ -27,37 +27,37 @@ from pydantic.fields import FieldInfo
 SETTING_PREFIX = "serve_"
 # Engine arguments build_app sets from its own args; engine_kwargs must not repeat them.
 OWNED_ENGINE_ARGS = ("model", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size")
-# Environment of every Ray process that serves (compose, the Helm chart's RayService, the
-# local demo stack, the test cluster), read by Ray at process start. Throughput-optimized
-# Serve runs request handling on the replica's own event loop, calls between deployments
-# over gRPC, buffers access logs and freezes the GC after start: 0.94-0.99x of plain vLLM's
-# throughput at 1-128 streams on an H100, against 0.83x at 64 without it (docs/serving.md).
-# Its direct ingress is turned back off: it runs Serve's HTTP proxy on the head node only
-# and serves the ingress from replica ports 30000+, so a Ray worker pod would have nothing
-# on port 8000 (the chart's serve Service and /readyz probe). Turn the mode off with "0".
-# The mode's gRPC does not reach the proxy -> ingress hop (Ray derives the proxy's flag
-# before the mode applies), which otherwise passes every streamed chunk through the object
-# store by reference; the proxy's own flag turns it on.
-RAY_ENV_DEFAULTS: dict[str, str] = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-    "RAY_SERVE_PROXY_USE_GRPC": "1",
-    # Ray Serve LLM's direct streaming and the HAProxy it needs: off (Ray's default),
-    # spelled out so that every place has the one switch (RAY_ENV_DIRECT_STREAMING).
-    "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "0",
-    "RAY_SERVE_ENABLE_HA_PROXY": "0",
-}
-# Direct streaming on: the engine replica is the ingress, behind Ray's HAProxy, and serves
-# vLLM's own app, to which nvfp4_serve.direct adds our keys, health routes and aliases.
-# No ingress hop and no stream batching: Ray's builder for the mode came within 0.3% of
-# plain vLLM's tok/s and +3 to +8 ms to first token at 1 and 16 streams on an H100, but
-# 0.92-0.96x at 64; build_app's path (without Ray's request router) is not measured on a
-# GPU yet (docs/serving.md), so it is opt-in: compose NVFP4_DIRECT_STREAMING=1, Helm
-# ray.directStreaming.
+# Ray Serve LLM's direct streaming: the engine replica is the ingress, behind Ray's HAProxy,
+# and serves vLLM's own app, to which nvfp4_serve.direct adds our keys, request checks,
+# health routes and aliases. No ingress hop and no stream batching: 0.99-1.02x of plain
+# vLLM's tok/s at 1-128 streams on an H100 with both clients, against 0.91x at 64 streams
+# through an ingress deployment (docs/serving.md). Ray reads both at process start.
 DIRECT_STREAMING_ENV = "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"
 RAY_ENV_DIRECT_STREAMING: dict[str, str] = {
     DIRECT_STREAMING_ENV: "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+}
+# The other way to serve: our ingress deployment (nvfp4_serve.ingress) in front of the
+# engine deployment, behind Serve's HTTP proxy (compose NVFP4_DIRECT_STREAMING=0, Helm
+# ray.directStreaming=false).
+RAY_ENV_INGRESS: dict[str, str] = {k: "0" for k in RAY_ENV_DIRECT_STREAMING}
+# Environment of every Ray process that serves (compose, the Helm chart's RayService, the
+# local demo stack, the test cluster), read by Ray at process start: direct streaming, in
+# throughput-optimized Ray Serve. The mode runs request handling on the replica's own event
+# loop, calls between deployments over gRPC, buffers access logs and freezes the GC after
+# start (with an ingress deployment: 0.94-0.99x of plain vLLM's throughput at 1-128 streams
+# on an H100, against 0.83x at 64 without it). Turn the mode off with "0".
+# Its direct ingress is turned back off: it runs Serve's HTTP proxy on the head node only
+# and serves the ingress from replica ports 30000+, so a Ray worker pod would have nothing
+# on port 8000 (the chart's serve Service and /readyz probe). The mode's gRPC does not reach
+# the proxy -> ingress hop (Ray derives the proxy's flag before the mode applies), which
+# otherwise passes every streamed chunk through the object store by reference; the proxy's
+# own flag turns it on (it matters with an ingress deployment).
+RAY_ENV_DEFAULTS: dict[str, str] = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    **RAY_ENV_DIRECT_STREAMING,
 }
 
 

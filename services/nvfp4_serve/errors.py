@@ -87,7 +87,16 @@ def validation_error_body(errors: list[dict[str, Any]]) -> bytes:
     return error_body(text, "invalid_value", param=param)
 
 
-def _request_id(scope: Scope, text: str) -> str:
+def server_error_body(status: int, request_id: str) -> bytes:
+    """What a client sees of a 5xx: no traceback, the request id to find it in the log."""
+    return error_body(
+        f"internal server error (request id {request_id}); the server log has details",
+        code=str(status),
+        type_="server_error",
+    )
+
+
+def request_id(scope: Scope, text: str = "") -> str:
     for name, value in scope.get("headers", []):
         if name.lower() == b"x-request-id":
             return str(value.decode("latin-1"))
@@ -144,21 +153,17 @@ class OpenAIErrorBodies:
                 return
             raw = b"".join(chunks)
             original = raw.decode(errors="replace")
-            request_id = _request_id(scope, original)
+            rid = request_id(scope, original)
             if start["status"] < 500:
-                cleaned = client_error_body(start["status"], original, request_id)
+                cleaned = client_error_body(start["status"], original, rid)
                 if cleaned is None:  # already OpenAI's shape, or not JSON: as it was
                     await send(start)
                     await send({"type": "http.response.body", "body": raw})
                     return
                 body = cleaned
             else:
-                logger.error("request %s answered %d: %s", request_id, start["status"], original)
-                body = error_body(
-                    f"internal server error (request id {request_id}); the server log has details",
-                    code=str(start["status"]),
-                    type_="server_error",
-                )
+                logger.error("request %s answered %d: %s", rid, start["status"], original)
+                body = server_error_body(start["status"], rid)
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in
                        (b"content-length", b"content-type")]  # fmt: skip
             headers += [(b"content-type", b"application/json"),

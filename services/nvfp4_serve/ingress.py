@@ -19,64 +19,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from ray.serve.llm.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
 )
-from starlette.exceptions import HTTPException
 
 from nvfp4_common.settings import get_settings
-from nvfp4_serve.auth import add_key_check, error_body, replica_keys
-from nvfp4_serve.errors import (
-    OpenAIErrorBodies,
-    beam_search_problem,
-    chat_messages_problem,
-    validation_error_body,
-)
+from nvfp4_serve.auth import add_key_check, replica_keys
+from nvfp4_serve.error_handlers import add_error_handlers, error_response
+from nvfp4_serve.errors import OpenAIErrorBodies, beam_search_problem, chat_messages_problem
 from nvfp4_serve.health import Readiness, ReplicaCount, add_health_routes, one_token_text
 from nvfp4_serve.ray_hooks import IngressHooks, serve_details
 
 logger = logging.getLogger(__name__)
-
-
-async def _openai_http_error(request: Request, exc: Exception) -> Response:
-    """HTTPExceptions (unknown model, unknown route) in OpenAI's error shape.
-
-    Ray's handlers already answer engine errors this way (validation errors:
-    `_openai_validation_error`); FastAPI's default would answer {"detail": ...}, which
-    OpenAI clients do not parse.
-    """
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    response = _error(exc.status_code, str(exc.detail), code or str(exc.status_code))
-    response.headers.update(exc.headers or {})
-    return response
-
-
-async def _openai_validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    body = validation_error_body(list(exc.errors()))
-    return Response(body, status_code=400, media_type="application/json")
-
-
-async def _body_validator_crash(request: Request, exc: Exception) -> Response:
-    """A request body that crashes vLLM's own validators (they call `.get` on a field the
-    client sent as a number: `"structured_outputs": 3`) is the client's error: 400, not
-    Ray's 500. Only errors raised while FastAPI validates the body are answered so."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_name != "request_body_to_args":
-        tb = tb.tb_next
-    if tb is None:
-        raise exc
-    return _error(400, f"invalid request body: {exc}", "invalid_request_error")
-
-
-def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
-    body = error_body(message, code, param=param)
-    return Response(body, status_code=status, media_type="application/json")
 
 
 class NVFP4Ingress(IngressHooks):
@@ -157,22 +114,22 @@ class NVFP4Ingress(IngressHooks):
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         problem = beam_search_problem(body)
         if problem:
-            return _error(400, problem, "invalid_value", param="length_penalty")
+            return error_response(400, problem, "invalid_value", param="length_penalty")
         return await super().completions(body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         problem = chat_messages_problem(body.messages)
         if problem:
-            return _error(400, problem, "invalid_value", param="messages")
+            return error_response(400, problem, "invalid_value", param="messages")
         problem = beam_search_problem(body)
         if problem:
-            return _error(400, problem, "invalid_value", param="length_penalty")
+            return error_response(400, problem, "invalid_value", param="length_penalty")
         try:
             return await super().chat(body, request)
         except ValueError as exc:
             # Ray's request sanitizer refuses message contents our check let through
             # ("Validating message `content` raised an error"): the client's error.
-            return _error(400, str(exc), "invalid_value", param="messages")
+            return error_response(400, str(exc), "invalid_value", param="messages")
 
     # The served checkpoints are text generators: Ray's ingress would forward these to
     # the engine, which fails with a 500 and a traceback. Say so instead.
@@ -186,14 +143,12 @@ class NVFP4Ingress(IngressHooks):
         return self._not_served("/v1/score")
 
     def _not_served(self, route: str) -> Response:
-        return _error(404, f"{route} is not served: this deployment generates text", "not_found")
+        message = f"{route} is not served: this deployment generates text"
+        return error_response(404, message, "not_found")
 
     def add_to_app(self, app: Any) -> None:
         if isinstance(app, FastAPI):
             add_health_routes(app, self.readiness)
-            app.add_exception_handler(HTTPException, _openai_http_error)
-            app.add_exception_handler(RequestValidationError, _openai_validation_error)
-            for error in (AttributeError, TypeError):
-                app.add_exception_handler(error, _body_validator_crash)
+            add_error_handlers(app)
             app.add_middleware(OpenAIErrorBodies)
             add_key_check(app, self._keys, self._enforce_keys, "ingress")

@@ -19,7 +19,7 @@ import pytest
 import redis
 import yaml
 
-from nvfp4_common.serving import RAY_ENV_DEFAULTS, RAY_ENV_DIRECT_STREAMING
+from nvfp4_common.serving import RAY_ENV_DEFAULTS, RAY_ENV_INGRESS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -197,8 +197,8 @@ def test_throughput_optimized_serve_can_be_turned_off(tmp_path: Path) -> None:
 
 
 def test_direct_streaming_is_one_switch(tmp_path: Path) -> None:
-    env = serve_env_with(tmp_path, NVFP4_DIRECT_STREAMING="1")
-    assert env == {**RAY_ENV_DEFAULTS, **RAY_ENV_DIRECT_STREAMING}
+    env = serve_env_with(tmp_path, NVFP4_DIRECT_STREAMING="0")
+    assert env == {**RAY_ENV_DEFAULTS, **RAY_ENV_INGRESS}
 
 
 def test_worker_waits_for_redis_and_gets_time_to_stop_a_job(rendered: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nvfp4_common.serving import RAY_ENV_DIRECT_STREAMING
+from nvfp4_common.serving import RAY_ENV_DIRECT_STREAMING, RAY_ENV_INGRESS
 from tests import serve_harness
 
 from .support import needs_cuda
@@ -23,7 +23,7 @@ pytest.importorskip("ray.serve.llm")
 KEY = "gpu-test-key"
 
 
-# Our ingress deployment (the default), and direct streaming: the engine replica as the
+# Our ingress deployment, and direct streaming (the default): the engine replica as the
 # ingress behind Ray's HAProxy (nvfp4_serve.direct).
 @pytest.fixture(scope="module", params=["ingress", "direct"])
 def cluster(
@@ -45,7 +45,7 @@ def cluster(
         },
         env={
             "NVFP4_SERVE_API_KEYS": json.dumps([KEY]),
-            **(RAY_ENV_DIRECT_STREAMING if request.param == "direct" else {}),
+            **(RAY_ENV_DIRECT_STREAMING if request.param == "direct" else RAY_ENV_INGRESS),
         },
         num_cpus=8,
     ).start(timeout_s=480)

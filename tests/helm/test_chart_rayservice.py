@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from nvfp4_common.serving import RAY_ENV_DEFAULTS, RAY_ENV_DIRECT_STREAMING
+from nvfp4_common.serving import RAY_ENV_DEFAULTS, RAY_ENV_INGRESS
 
 from .chart import FULLNAME, Chart, Manifests
 
@@ -176,9 +176,9 @@ def test_throughput_optimized_serve_can_be_turned_off(chart: Chart) -> None:
 
 
 def test_direct_streaming_is_one_switch(chart: Chart) -> None:
-    docs = chart.render({"ray": {"directStreaming": True}})
+    docs = chart.render({"ray": {"directStreaming": False}})
     for group in (cluster(docs)["headGroupSpec"], gpu_group(docs)):
-        assert ray_serve_env(group) == {**RAY_ENV_DEFAULTS, **RAY_ENV_DIRECT_STREAMING}
+        assert ray_serve_env(group) == {**RAY_ENV_DEFAULTS, **RAY_ENV_INGRESS}
 
 
 def test_extra_env_comes_after_the_defaults_so_it_can_change_them(chart: Chart) -> None:

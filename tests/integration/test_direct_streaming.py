@@ -104,3 +104,15 @@ def test_bad_input_gets_a_4xx_and_the_replica_keeps_serving(
     r = httpx.post(url, json={"model": "no-such-model", "prompt": "x"}, headers=headers)
     assert r.status_code == 404, r.text
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=1).usage
+
+
+def test_clients_get_the_ingress_routes_only(cluster: ServeCluster) -> None:
+    """vLLM's own extra routes (its health, version, metrics, responses API) are not served:
+    the API is the one the ingress serves, in OpenAI's error shape."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for method, path in (("GET", "/version"), ("GET", "/metrics"), ("POST", "/v1/responses")):
+        r = httpx.request(method, f"{cluster.base_url}{path}", headers=headers, json={})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+    paths = set(httpx.get(f"{cluster.base_url}/openapi.json", headers=headers).json()["paths"])
+    assert paths == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize",
+                     "/detokenize", "/healthz", "/readyz"}, paths  # fmt: skip

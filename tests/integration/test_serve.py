@@ -1,5 +1,6 @@
 """The serving app for real: Ray Serve + vLLM's CPU build serving an NVFP4 checkpoint
-made by the worker's quantization code, driven with the official `openai` client.
+made by the worker's quantization code, driven with the official `openai` client, through
+our ingress deployment (direct streaming, the default: test_direct_streaming.py).
 
 The app is started once for the module (about a minute on 2 cores, more on a busy
 machine) from .venv-serve on free ports; tests that need no server run first, so
@@ -21,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from nvfp4_common.serving import RAY_ENV_INGRESS
 from tests.serve_harness import SERVE_PYTHON, ServeCluster, make_test_models, serve_env_available
 
 pytestmark = [
@@ -60,7 +62,11 @@ def cluster(models: tuple[Path, Path], key_file: Path) -> Iterator[ServeCluster]
             "max_model_len": 8192,
             "engine_kwargs": {"enforce_eager": True},
         },
-        env={"NVFP4_ENV": "development", "NVFP4_SERVE_API_KEYS": json.dumps([API_KEY])},
+        env={
+            "NVFP4_ENV": "development",
+            "NVFP4_SERVE_API_KEYS": json.dumps([API_KEY]),
+            **RAY_ENV_INGRESS,
+        },
     )
     # Generous: on a busy 2-core machine, start-up alone has taken over 7 minutes.
     c.start(timeout_s=600)

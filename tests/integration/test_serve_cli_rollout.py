@@ -19,7 +19,7 @@ import pytest
 from nvfp4_admin.serve_config import apps_on_route
 from nvfp4_common.jobs import JobResult, JobSpec
 from nvfp4_common.queue import JobQueue
-from nvfp4_common.serving import DIRECT_STREAMING_ENV, RAY_ENV_DIRECT_STREAMING
+from nvfp4_common.serving import DIRECT_STREAMING_ENV, RAY_ENV_DIRECT_STREAMING, RAY_ENV_INGRESS
 from nvfp4_common.settings import Settings
 from tests.serve_harness import ServeCluster, make_test_models, serve_env_available
 
@@ -34,15 +34,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_test_models(tmp_path_factory.mktemp("cli-serve-models"))
 
 
-# The default path (our ingress deployment) and direct streaming (the engine replica as
-# the ingress, behind Ray's HAProxy: nvfp4_serve.direct).
+# Our ingress deployment in front of the engine, and direct streaming (the default: the
+# engine replica as the ingress, behind Ray's HAProxy: nvfp4_serve.direct).
 @pytest.fixture(scope="module", params=["ingress", "direct"])
 def cluster(models: tuple[Path, Path], request: pytest.FixtureRequest) -> Iterator[ServeCluster]:
     if not serve_env_available():
         pytest.fail(".venv-serve is missing: run `make install-serve`")
     bf16, _ = models
     c = ServeCluster(
-        env=RAY_ENV_DIRECT_STREAMING if request.param == "direct" else {},
+        env=RAY_ENV_DIRECT_STREAMING if request.param == "direct" else RAY_ENV_INGRESS,
         app_args={
             "model": str(bf16),
             "accelerator": "cpu",
