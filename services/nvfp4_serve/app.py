@@ -3,9 +3,10 @@
 Used as `import_path: nvfp4_serve.app:build_app` by `serve run`, `serve deploy` and
 KubeRay's serveConfigV2. Ray Serve LLM's `build_openai_app` does the real work (the
 OpenAI routes, streaming, replicas, autoscaling); this module turns our settings
-into its LLMConfig, checks the checkpoint and the memory first, and swaps in an
-ingress that adds API keys and health routes (with direct streaming on, the engine
-replica adds them to vLLM's app instead: nvfp4_serve.direct).
+into its LLMConfig and checks the checkpoint and the memory first. With direct
+streaming (the serving default, nvfp4_common.serving.RAY_ENV_DEFAULTS) the engine replica
+is the ingress and adds API keys, request checks and health routes to vLLM's app
+(nvfp4_serve.direct); without it, an ingress of ours adds them (nvfp4_serve.ingress).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ HOOKS = (
         "ray.serve.llm.deployment:LLMServer",
         "__serve_build_asgi_app__",
         ("self",),
-        "direct streaming adds API keys, /healthz, /readyz and model aliases to vLLM's app",
+        "direct streaming adds API keys, request checks, health routes and aliases to vLLM's app",
     ),
 )
 
