@@ -124,6 +124,7 @@ def stop_proc(proc: subprocess.Popen) -> None:
 
 
 PLAIN = "plain vLLM OpenAI server"
+LEVEL_ROOM_S = 60
 
 
 def bench_target(
@@ -135,6 +136,11 @@ def bench_target(
     prompt = text.corpus(460)
     rows = []
     for conc in args.concurrency:
+        # A level (both clients) takes up to about a minute; one that cannot end before
+        # --deadline-s is not started, so the call ends with its results instead of
+        # being stopped mid-level.
+        if time.monotonic() + LEVEL_ROOM_S > args.ends_at:
+            raise TimeoutError(f"not run from {conc} streams on: the deadline is too near")
         measure = load(base, key, conc, max(8, 4 * conc), args.tokens, prompt)
         try:
             row = asyncio.run(asyncio.wait_for(measure, args.level_timeout_s))
@@ -311,6 +317,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/gpu_serve.json")
     args = parser.parse_args()
     started = time.monotonic()
+    args.ends_at = started + args.deadline_s
     # The harness runs `ray` and `serve` from this prefix (a venv, or the GPU site dir).
     serve_cluster.SERVE_VENV = args.ray_prefix
     result: dict[str, Any] = {

@@ -6,11 +6,14 @@ vllm/benchmarks/serve.py; see bench/devkit/vllm_bench.py), figures of an H100-si
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from pathlib import Path
 
 import gpu_serve
 import gpu_tables
+import pytest
 
 from devkit import vllm_bench
 
@@ -84,3 +87,13 @@ def test_table_without_vllm_bench_keeps_its_columns() -> None:
     row = _row(gpu_serve.PLAIN, 1, 150.0, 12.0, 1.0)
     del row["vllm_bench"]
     assert "vllm bench" not in gpu_tables.serve_table({"rows": [row]})
+
+
+def test_a_level_that_cannot_end_before_the_deadline_is_not_started() -> None:
+    """The call then ends with the rows measured so far, instead of being stopped mid-level
+    (the server at this address is never asked)."""
+    args = argparse.Namespace(concurrency=[16, 64], ends_at=time.monotonic() + 10)
+    rows: list[dict] = []
+    with pytest.raises(TimeoutError, match="from 16 streams on"):
+        gpu_serve.bench_target("ours", "http://127.0.0.1:9", None, args, rows.append)
+    assert rows == []
