@@ -75,9 +75,8 @@ class LLMServer(DirectServerHooks):
         self.readiness = Readiness(self._generate_one_token)
         self.readiness.start()
         docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
-        app.router.routes = [
-            r for r in app.router.routes if getattr(r, "path", None) in CLIENT_ROUTES | docs
-        ]
+        kept = CLIENT_ROUTES | docs
+        app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) in kept]
         app.openapi_schema = None
         add_health_routes(app, self.readiness)
         add_error_handlers(app)

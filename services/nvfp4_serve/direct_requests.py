@@ -4,36 +4,17 @@ import, so it is unit-tested without a cluster; nvfp4_serve.direct adds it to th
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from typing import Any
 
 from nvfp4_serve.auth import Scope, error_body
-from nvfp4_serve.errors import beam_search_problem, chat_messages_problem
-
-
-def body_problem(data: dict[str, Any]) -> tuple[str, str] | None:
-    """(param, why) when vLLM would answer this body with a 500, else None: the checks
-    NVFP4Ingress makes on the parsed request, on the raw JSON."""
-    messages = data.get("messages")
-    if isinstance(messages, list):
-        problem = chat_messages_problem(messages)
-        if problem:
-            return "messages", problem
-    penalty = data.get("length_penalty")
-    if isinstance(penalty, (int, float)) and not isinstance(penalty, bool):
-        beam = SimpleNamespace(use_beam_search=data.get("use_beam_search") is True,
-                               length_penalty=float(penalty))  # fmt: skip
-        problem = beam_search_problem(beam)
-        if problem:
-            return "length_penalty", problem
-    return None
+from nvfp4_serve.errors import request_problem
 
 
 class DirectRequests:
     """Pure ASGI middleware: a POST's JSON body is read once, refused with a 400 in OpenAI's
-    shape when it would crash vLLM (`body_problem`), and passed on naming the served model
-    when it names an alias (what NVFP4Ingress does to the parsed body; here vLLM parses it,
-    so the raw body is rewritten)."""
+    shape when vLLM would fail on it (`errors.request_problem`, the ingress's check too),
+    and passed on naming the served model when it names an alias (what NVFP4Ingress does
+    to the parsed body; here vLLM parses it, so the raw body is rewritten)."""
 
     def __init__(self, app: Any, aliases: dict[str, str]) -> None:
         self.app = app
@@ -56,7 +37,7 @@ class DirectRequests:
         except ValueError:
             data = None  # vLLM answers the bad JSON
         if isinstance(data, dict):
-            problem = body_problem(data)
+            problem = request_problem(data.get)
             if problem:
                 await self._refuse(send, *problem)
                 return

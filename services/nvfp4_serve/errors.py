@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from nvfp4_serve.auth import ASGIApp, Scope, error_body
@@ -56,16 +56,32 @@ def chat_messages_problem(messages: Iterable[Any]) -> str | None:
 MAX_LENGTH_PENALTY = 50.0
 
 
-def beam_search_problem(body: Any) -> str | None:
-    """Why vLLM's beam search would crash on this request's parameters, if it would."""
-    penalty = getattr(body, "length_penalty", None)
-    if not getattr(body, "use_beam_search", False) or penalty is None:
+def beam_search_problem(use_beam_search: Any, penalty: Any) -> str | None:
+    """Why vLLM's beam search would crash on these parameters, if it would."""
+    # A raw JSON body may hold anything here; a non-number is the schema's to refuse.
+    number = isinstance(penalty, (int, float)) and not isinstance(penalty, bool)
+    if use_beam_search is not True or not number:
         return None
     if not math.isfinite(penalty) or abs(penalty) > MAX_LENGTH_PENALTY:
         return (
             f"length_penalty must be between -{MAX_LENGTH_PENALTY:g} and"
             f" {MAX_LENGTH_PENALTY:g} with use_beam_search, got {penalty:g}"
         )
+    return None
+
+
+def request_problem(field: Callable[[str], Any]) -> tuple[str, str] | None:
+    """(param, why) when vLLM would fail on this request with a 500, else None. `field`
+    reads one field of it: a parsed request's attribute (the ingress) or a raw JSON body's
+    key (direct streaming)."""
+    messages = field("messages")
+    if isinstance(messages, list):
+        problem = chat_messages_problem(messages)
+        if problem:
+            return "messages", problem
+    problem = beam_search_problem(field("use_beam_search"), field("length_penalty"))
+    if problem:
+        return "length_penalty", problem
     return None
 
 

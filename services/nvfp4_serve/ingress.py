@@ -29,11 +29,20 @@ from ray.serve.llm.openai_api_models import (
 from nvfp4_common.settings import get_settings
 from nvfp4_serve.auth import add_key_check, replica_keys
 from nvfp4_serve.error_handlers import add_error_handlers, error_response
-from nvfp4_serve.errors import OpenAIErrorBodies, beam_search_problem, chat_messages_problem
+from nvfp4_serve.errors import OpenAIErrorBodies, request_problem
 from nvfp4_serve.health import Readiness, ReplicaCount, add_health_routes, one_token_text
 from nvfp4_serve.ray_hooks import IngressHooks, serve_details
 
 logger = logging.getLogger(__name__)
+
+
+def _refused(body: Any) -> Response | None:
+    """The client's 400 for a request vLLM would fail on with a 500 (errors.request_problem)."""
+    problem = request_problem(lambda name: getattr(body, name, None))
+    if problem is None:
+        return None
+    param, why = problem
+    return error_response(400, why, "invalid_value", param=param)
 
 
 class NVFP4Ingress(IngressHooks):
@@ -112,18 +121,15 @@ class NVFP4Ingress(IngressHooks):
         return states.count("RUNNING"), len(states)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        problem = beam_search_problem(body)
-        if problem:
-            return error_response(400, problem, "invalid_value", param="length_penalty")
+        refused = _refused(body)
+        if refused is not None:
+            return refused
         return await super().completions(body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        problem = chat_messages_problem(body.messages)
-        if problem:
-            return error_response(400, problem, "invalid_value", param="messages")
-        problem = beam_search_problem(body)
-        if problem:
-            return error_response(400, problem, "invalid_value", param="length_penalty")
+        refused = _refused(body)
+        if refused is not None:
+            return refused
         try:
             return await super().chat(body, request)
         except ValueError as exc:

@@ -161,13 +161,11 @@ def test_client_errors_already_in_openais_shape_pass_untouched() -> None:
 
 
 def test_beam_search_problem_bounds_the_length_penalty() -> None:
-    from types import SimpleNamespace as Body
-
-    assert beam_search_problem(Body(use_beam_search=False, length_penalty=1e308)) is None
-    assert beam_search_problem(Body(use_beam_search=True, length_penalty=1.0)) is None
-    assert beam_search_problem(Body(use_beam_search=True, length_penalty=-50.0)) is None
+    assert beam_search_problem(False, 1e308) is None
+    assert beam_search_problem(True, 1.0) is None
+    assert beam_search_problem(True, -50.0) is None
     for bad in (50.5, -1e308, float("inf"), float("nan")):
-        problem = beam_search_problem(Body(use_beam_search=True, length_penalty=bad))
+        problem = beam_search_problem(True, bad)
         assert problem is not None and problem.startswith("length_penalty must be between -50")
     # 1M tokens ** 50 is 1e300: no overflow at the bound
     assert math.isfinite(1e6**50) and 1e6**-50 > 0
